@@ -1,0 +1,9 @@
+//! walfs: a PostgreSQL WAL archive in an object store, presented as a directory.
+//!
+//! Data flows one way: `cli` → `store` → `envelope`; `wal` is vocabulary shared by all.
+
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod store;
+pub mod wal;

@@ -1,0 +1,381 @@
+//! The `walfs` command line: parses arguments, resolves settings, calls the library, and turns
+//! outcomes into exit codes PostgreSQL can act on.
+
+use crate::config::{self, Overrides, Settings};
+use crate::envelope::{Key, SealOptions};
+use crate::store::{Archive, Error as StoreError, PushOutcome, StoreConfig};
+use crate::wal::{ArchiveName, FileKind};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use futures::{StreamExt, TryStreamExt};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit codes. PostgreSQL reads any non-zero restore_command status as "not available", so
+/// absence (1) is kept apart from failures (3, 4) for operators and scripts.
+pub mod exit {
+    /// fetch: the file is not in the archive. push: the file was refused or conflicts.
+    pub const ABSENT_OR_REFUSED: u8 = 1;
+    /// Bad usage or settings: URL, key file, config file.
+    pub const USAGE: u8 = 2;
+    /// The backend or a local disk failed (after retries); trying again later may work.
+    pub const UNAVAILABLE: u8 = 3;
+    /// An archived object is damaged or sealed with another key: never served.
+    pub const DAMAGED: u8 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "walfs",
+    version,
+    about = "A PostgreSQL WAL archive in an object store, compressed and encrypted",
+    after_help = "archive_command = 'walfs push %p'    restore_command = 'walfs fetch %f %p'"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct GlobalArgs {
+    /// Config file (TOML) [default: /etc/walfs/walfs.toml when present]
+    #[arg(long, global = true, env = "WALFS_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Archive URL: file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix
+    #[arg(long, global = true, env = "WALFS_ARCHIVE", value_name = "URL")]
+    archive: Option<String>,
+    /// Key file (64 hex digits, see `walfs keygen`); without one, objects are not encrypted
+    #[arg(long, global = true, env = "WALFS_KEY_FILE", value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Local cache directory
+    #[arg(long, global = true, env = "WALFS_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// zstd level for new objects, 0 (off) to 22 [default: 3]
+    #[arg(long, global = true, env = "WALFS_COMPRESSION_LEVEL", value_name = "N")]
+    compression_level: Option<i32>,
+    /// How long transient backend errors are retried before giving up [default: 60s]
+    #[arg(long, global = true, env = "WALFS_RETRY_TIMEOUT", value_name = "DURATION",
+          value_parser = config::parse_duration)]
+    retry_timeout: Option<std::time::Duration>,
+    /// More log output (-v: info, -vv: debug); WALFS_LOG takes a full filter
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a new random 256-bit key to PATH (mode 0600); never overwrites
+    Keygen { path: PathBuf },
+    /// Archive one file (archive_command = 'walfs push %p'); exit 0 only once it is durable
+    Push {
+        /// The file to archive; its name must be a PostgreSQL WAL archive name
+        path: PathBuf,
+        /// Archive it under this name instead of the file's own
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Restore one file (restore_command = 'walfs fetch %f %p'); exit 1 if absent
+    Fetch {
+        /// The archive name (%f)
+        name: String,
+        /// Where to write it (%p); appears only complete and verified
+        dest: PathBuf,
+    },
+    /// List archived files: name, size, stored size
+    Ls {
+        /// One JSON array instead of lines
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure with the exit code it maps to and the one line that explains it.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        let code = match &e {
+            StoreError::Config(_) | StoreError::NoArchive(_) => exit::USAGE,
+            StoreError::Refused { .. } | StoreError::Conflict { .. } => exit::ABSENT_OR_REFUSED,
+            StoreError::Unreadable { .. } => exit::DAMAGED,
+            StoreError::Backend { .. } => exit::UNAVAILABLE,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WALFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("walfs: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("walfs: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let g = cli.global;
+    let overrides = Overrides {
+        config: g.config,
+        archive: g.archive,
+        key_file: g.key_file,
+        cache_dir: g.cache_dir,
+        compression_level: g.compression_level,
+        retry_timeout: g.retry_timeout,
+    };
+    if let Command::Keygen { path } = &cli.command {
+        return keygen(path);
+    }
+    let settings =
+        Settings::resolve(&overrides).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    match cli.command {
+        Command::Keygen { .. } => Ok(()),
+        Command::Push { path, name } => push(&settings, &path, name.as_deref()).await,
+        Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
+        Command::Ls { json } => ls(&settings, json).await,
+    }
+}
+
+fn load_key(settings: &Settings) -> Result<Option<Key>, Failure> {
+    let Some(path) = &settings.key_file else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::new(exit::USAGE, format!("key file {}: {e}", path.display())))?;
+    let key = Key::from_file_contents(&bytes)
+        .map_err(|e| Failure::new(exit::USAGE, format!("key file {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "key file is readable by group or others; chmod 600 it");
+            }
+        }
+    }
+    Ok(Some(key))
+}
+
+fn open_archive(settings: &Settings, create: bool) -> Result<Archive, Failure> {
+    let key = load_key(settings)?;
+    let cfg = StoreConfig {
+        url: settings.archive.clone(),
+        retry_timeout: settings.retry_timeout,
+        create,
+    };
+    let seal = SealOptions {
+        level: settings.compression_level,
+        ..SealOptions::default()
+    };
+    Ok(Archive::open(&cfg, key, seal)?)
+}
+
+fn keygen(path: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail =
+        |e: std::io::Error| Failure::new(exit::USAGE, format!("keygen {}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let key = Key::generate().map_err(fail)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Failure::new(
+                    exit::USAGE,
+                    format!(
+                        "{} exists; refusing to overwrite a key (objects sealed with it would be lost)",
+                        path.display()
+                    ),
+                )
+            } else {
+                fail(e)
+            }
+        })?;
+    f.write_all(key.to_file_contents().as_bytes())
+        .map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    sync_parent(path).map_err(fail)?;
+    println!("key id {}", key.id());
+    Ok(())
+}
+
+fn parse_name(name: &str) -> Result<ArchiveName, Failure> {
+    ArchiveName::parse(name).map_err(|e| Failure::new(exit::USAGE, e.to_string()))
+}
+
+async fn push(settings: &Settings, path: &Path, name: Option<&str>) -> Result<(), Failure> {
+    let file_name = match name {
+        Some(n) => n.to_string(),
+        None => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let name = parse_name(&file_name)?;
+    let data = tokio::fs::read(path).await.map_err(|e| {
+        Failure::new(
+            exit::UNAVAILABLE,
+            format!("reading {}: {e}", path.display()),
+        )
+    })?;
+    let archive = open_archive(settings, true)?;
+    let size = data.len();
+    match archive.push(&name, Bytes::from(data)).await? {
+        PushOutcome::Stored { stored_bytes } => {
+            tracing::info!(%name, size, stored_bytes, archive = archive.url(), "archived");
+        }
+        PushOutcome::AlreadyArchived => {
+            tracing::info!(%name, "already archived with identical content");
+        }
+    }
+    Ok(())
+}
+
+async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<(), Failure> {
+    let name = parse_name(name)?;
+    let archive = open_archive(settings, false)?;
+    let Some(data) = archive.fetch(&name).await? else {
+        return Err(Failure::new(
+            exit::ABSENT_OR_REFUSED,
+            format!("{name} is not in the archive"),
+        ));
+    };
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_atomically(&dest, &data).map_err(|e| (dest, e)))
+        .await
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("writing task failed: {e}")))?
+        .map_err(|(dest, e)| {
+            Failure::new(
+                exit::UNAVAILABLE,
+                format!("writing {}: {e}", dest.display()),
+            )
+        })
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `data` to `dest` so that `dest` is either absent/unchanged or complete and durable.
+fn write_atomically(dest: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".walfs-fetch-")
+        .tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dest).map_err(|e| e.error)?;
+    sync_parent(dest)
+}
+
+#[derive(serde::Serialize)]
+struct LsRow {
+    name: String,
+    size: u64,
+    stored_size: u64,
+    modified: i64,
+}
+
+async fn ls(settings: &Settings, json: bool) -> Result<(), Failure> {
+    let archive = open_archive(settings, false)?;
+    let segment_size = archive.identity().await?.map(|i| i.wal_segment_size);
+    let archive = &archive;
+    // Segments have the archive's segment size; other files need their header (small reads,
+    // a few at a time).
+    let rows = archive.list(None).map(move |entry| async move {
+        let e = entry?;
+        let size = match (e.name.kind(), segment_size) {
+            (FileKind::Segment, Some(s)) => s,
+            _ => archive
+                .header(&e.name)
+                .await?
+                .map_or(0, |h| h.plaintext_len),
+        };
+        Ok::<_, StoreError>(LsRow {
+            name: e.name.to_string(),
+            size,
+            stored_size: e.stored_bytes,
+            modified: e.last_modified,
+        })
+    });
+    let mut rows = rows.buffered(16);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let io =
+        |e: std::io::Error| Failure::new(exit::UNAVAILABLE, format!("writing the listing: {e}"));
+    let mut first = true;
+    if json {
+        write!(out, "[").map_err(io)?;
+    }
+    while let Some(row) = rows.try_next().await? {
+        if json {
+            let sep = if first { "" } else { "," };
+            let text = serde_json::to_string(&row)
+                .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
+            write!(out, "{sep}\n  {text}").map_err(io)?;
+        } else {
+            writeln!(out, "{}\t{}\t{}", row.name, row.size, row.stored_size).map_err(io)?;
+        }
+        first = false;
+    }
+    if json {
+        writeln!(out, "{}]", if first { "" } else { "\n" }).map_err(io)?;
+    }
+    out.flush().map_err(io)
+}

@@ -1,0 +1,195 @@
+//! Settings: a TOML file < `WALFS_*` environment variables < command-line flags.
+//!
+//! clap resolves flag > environment; this module fills what both left open from the file, then
+//! from the defaults.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const SYSTEM_CONFIG: &str = "/etc/walfs/walfs.toml";
+
+/// The keys a config file may hold (all optional). Unknown keys are an error: a typo must not
+/// silently fall back to a default archive.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileSettings {
+    pub archive: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub compression_level: Option<i32>,
+    /// A duration such as "90s" or "5m".
+    pub retry_timeout: Option<String>,
+}
+
+/// What flags and environment gave (None where neither did).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub archive: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub compression_level: Option<i32>,
+    pub retry_timeout: Option<Duration>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub archive: String,
+    pub key_file: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub compression_level: i32,
+    pub retry_timeout: Duration,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn home_dir(var: &str, fallback: &str) -> PathBuf {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(v) => PathBuf::from(v),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(fallback)
+        }
+    }
+}
+
+/// The embedded default: a local directory.
+pub fn default_archive() -> String {
+    if is_root() {
+        "file:///var/lib/walfs/archive".into()
+    } else {
+        let dir = home_dir("XDG_DATA_HOME", ".local/share").join("walfs/archive");
+        format!("file://{}", dir.display())
+    }
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    if is_root() {
+        PathBuf::from("/var/cache/walfs")
+    } else {
+        home_dir("XDG_CACHE_HOME", ".cache").join("walfs")
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); try 90s or 5m"))
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+    let err = |why: String| ConfigError::File {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))
+}
+
+impl Settings {
+    /// Resolves the settings. An explicitly named config file must exist; the system one is
+    /// read only when present.
+    pub fn resolve(o: &Overrides) -> Result<Settings, ConfigError> {
+        let (file, config_file) = match &o.config {
+            Some(p) => (read_file(p)?, Some(p.clone())),
+            None if Path::new(SYSTEM_CONFIG).exists() => {
+                let p = PathBuf::from(SYSTEM_CONFIG);
+                (read_file(&p)?, Some(p))
+            }
+            None => (FileSettings::default(), None),
+        };
+        let retry_timeout = match (o.retry_timeout, &file.retry_timeout) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(s).map_err(|why| ConfigError::File {
+                path: config_file.clone().unwrap_or_default(),
+                why: format!("retry-timeout: {why}"),
+            })?,
+            (None, None) => Duration::from_secs(60),
+        };
+        let compression_level = o.compression_level.or(file.compression_level).unwrap_or(3);
+        if !(0..=22).contains(&compression_level) {
+            return Err(ConfigError::Invalid(format!(
+                "compression level {compression_level} is outside 0 (off) to 22"
+            )));
+        }
+        Ok(Settings {
+            archive: o
+                .archive
+                .clone()
+                .or(file.archive)
+                .unwrap_or_else(default_archive),
+            key_file: o.key_file.clone().or(file.key_file),
+            cache_dir: o
+                .cache_dir
+                .clone()
+                .or(file.cache_dir)
+                .unwrap_or_else(default_cache_dir),
+            compression_level,
+            retry_timeout,
+            config_file,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("walfs.toml");
+        std::fs::write(
+            &p,
+            "archive = \"s3://bucket/x\"\nkey-file = \"/k\"\ncompression-level = 9\nretry-timeout = \"2m\"\n",
+        )
+        .unwrap();
+        let mut o = Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&o).unwrap();
+        assert_eq!(s.archive, "s3://bucket/x");
+        assert_eq!(s.key_file, Some(PathBuf::from("/k")));
+        assert_eq!(s.compression_level, 9);
+        assert_eq!(s.retry_timeout, Duration::from_secs(120));
+        o.archive = Some("file:///a".into());
+        o.compression_level = Some(1);
+        let s = Settings::resolve(&o).unwrap();
+        assert_eq!(s.archive, "file:///a");
+        assert_eq!(s.compression_level, 1);
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("walfs.toml");
+        std::fs::write(&p, "archiv = \"x\"\n").unwrap();
+        let o = Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(&o).unwrap_err().to_string();
+        assert!(e.contains("walfs.toml") && e.contains("archiv"), "{e}");
+        let missing = Overrides {
+            config: Some(dir.path().join("nope.toml")),
+            ..Default::default()
+        };
+        assert!(Settings::resolve(&missing).is_err());
+        std::fs::write(&p, "compression-level = 40\n").unwrap();
+        assert!(Settings::resolve(&o).is_err());
+    }
+}
