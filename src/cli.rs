@@ -99,10 +99,12 @@ struct Failure {
 }
 
 impl Failure {
+    /// One line, whatever the source said (backends quote whole XML error bodies).
     fn new(code: u8, message: impl Into<String>) -> Failure {
+        let message = message.into();
         Failure {
             code,
-            message: message.into(),
+            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 }
@@ -110,7 +112,9 @@ impl Failure {
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
         let code = match &e {
-            StoreError::Config(_) | StoreError::NoArchive(_) => exit::USAGE,
+            StoreError::Config(_)
+            | StoreError::NoArchive(_)
+            | StoreError::MissingContainer { .. } => exit::USAGE,
             StoreError::Refused { .. } | StoreError::Conflict { .. } => exit::ABSENT_OR_REFUSED,
             StoreError::Unreadable { .. } => exit::DAMAGED,
             StoreError::Backend { .. } => exit::UNAVAILABLE,
@@ -130,6 +134,7 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -335,11 +340,13 @@ struct LsRow {
 async fn ls(settings: &Settings, json: bool) -> Result<(), Failure> {
     let archive = open_archive(settings, false)?;
     let segment_size = archive.identity().await?.map(|i| i.wal_segment_size);
+    // Local directories list in directory order: sort (names only, a few MB for 100,000).
+    let mut entries: Vec<_> = archive.list(None).try_collect().await?;
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
     let archive = &archive;
     // Segments have the archive's segment size; other files need their header (small reads,
     // a few at a time).
-    let rows = archive.list(None).map(move |entry| async move {
-        let e = entry?;
+    let rows = futures::stream::iter(entries).map(move |e| async move {
         let size = match (e.name.kind(), segment_size) {
             (FileKind::Segment, Some(s)) => s,
             _ => archive

@@ -81,6 +81,9 @@ pub enum Error {
         op: String,
         source: object_store::Error,
     },
+    /// A write was answered "not found": the bucket or container does not exist.
+    #[error("{op}: the bucket or container of {url} does not exist")]
+    MissingContainer { op: String, url: String },
     /// There is no walfs archive at the URL at all.
     #[error(
         "no walfs archive at {0} (no {IDENTITY_OBJECT}): wrong --archive, or a missing bucket, \
@@ -94,6 +97,19 @@ impl Error {
         Error::Backend {
             op: op.into(),
             source,
+        }
+    }
+}
+
+impl Archive {
+    /// A failed write: "not found" there can only mean the bucket or container is missing.
+    fn write_error(&self, op: String, source: object_store::Error) -> Error {
+        match source {
+            object_store::Error::NotFound { .. } => Error::MissingContainer {
+                op,
+                url: self.url.clone(),
+            },
+            source => Error::backend(op, source),
         }
     }
 }
@@ -217,7 +233,7 @@ impl Archive {
             // Another writer won the race: theirs holds.
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => self.require_identity().await,
-            Err(e) => Err(Error::backend(format!("writing {path}"), e)),
+            Err(e) => Err(self.write_error(format!("writing {path}"), e)),
         }
     }
 
@@ -382,13 +398,9 @@ impl Archive {
         let opened = tokio::task::spawn_blocking(move || envelope::open(&n, &bytes, key.as_ref()))
             .await
             .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
-        opened.map(Some).map_err(|source| {
-            tracing::error!(archive = %self.url, name = %name, error = %source,
-                "archived object cannot be opened");
-            Error::Unreadable {
-                name: name.to_string(),
-                source,
-            }
+        opened.map(Some).map_err(|source| Error::Unreadable {
+            name: name.to_string(),
+            source,
         })
     }
 
@@ -408,8 +420,9 @@ impl Archive {
         }
     }
 
-    /// Every archived file in name order, page by page from the backend (memory stays flat
-    /// whatever the archive's size). `after` resumes a listing past a name.
+    /// Every archived file, page by page from the backend (memory stays flat whatever the
+    /// archive's size). `after` resumes a listing past a name. The order is the backend's:
+    /// object stores list in name order, a local directory in directory order.
     pub fn list(&self, after: Option<&ArchiveName>) -> BoxStream<'static, Result<Entry, Error>> {
         let dir = self.prefix.clone().join(WAL_DIR);
         let raw = match after {

@@ -1,0 +1,524 @@
+//! `walfs push` / `walfs fetch` / `walfs ls` as PostgreSQL's archive_command and
+//! restore_command, driven as a real binary against real WAL, a local archive directory and a
+//! real S3-protocol server on 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use walfs_mount_tests::*;
+
+/// One archive configuration: a URL, an optional key, and the environment to reach it.
+struct Target {
+    url: String,
+    key: Option<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl Target {
+    fn local(dir: &Path, key: Option<PathBuf>) -> Target {
+        Target {
+            url: format!("file://{}", dir.display()),
+            key,
+            env: Vec::new(),
+        }
+    }
+
+    fn s3(server: &S3Server, bucket: &str, prefix: &str, key: Option<PathBuf>) -> Target {
+        Target {
+            url: format!("s3://{bucket}/{prefix}"),
+            key,
+            env: server.env(),
+        }
+    }
+
+    /// `walfs --archive URL [--key-file K] ARGS…`, isolated from any system config.
+    fn walfs(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(walfs_bin());
+        c.env_remove("WALFS_ARCHIVE")
+            .env_remove("WALFS_KEY_FILE")
+            .env("WALFS_CONFIG", "/dev/null")
+            .env("WALFS_RETRY_TIMEOUT", "10s")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--archive")
+            .arg(&self.url);
+        if let Some(k) = &self.key {
+            c.arg("--key-file").arg(k);
+        }
+        c.args(args);
+        c
+    }
+
+    fn push(&self, file: &Path) -> Output {
+        run(&mut self.walfs(&["push", file.to_str().unwrap()]))
+    }
+
+    fn fetch(&self, name: &str, dest: &Path) -> Output {
+        run(&mut self.walfs(&["fetch", name, dest.to_str().unwrap()]))
+    }
+}
+
+fn keygen(dir: &Path) -> PathBuf {
+    let key = dir.join("key");
+    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
+    key
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn assert_code(out: &Output, want: i32, what: &str) {
+    assert_eq!(
+        code(out),
+        want,
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout_str(out),
+        stderr_str(out)
+    );
+}
+
+/// Pushes every file of the fixture, fetches each back and compares bytes; checks `ls`.
+fn round_trip(t: &Target, wal: &WalFixture, scratch: &Path) {
+    for name in wal.files() {
+        assert_code(&t.push(&wal.path(&name)), 0, &format!("push {name}"));
+    }
+    let out_dir = scratch.join("restored");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    for name in wal.files() {
+        let dest = out_dir.join(&name);
+        assert_code(&t.fetch(&name, &dest), 0, &format!("fetch {name}"));
+        assert!(
+            std::fs::read(&dest).unwrap() == std::fs::read(wal.path(&name)).unwrap(),
+            "{name} differs after the round trip"
+        );
+    }
+    // ls: every name once, in order, with its real size.
+    let ls = stdout_str(&sh_ok(&mut t.walfs(&["ls"])));
+    let rows: Vec<(String, u64, u64)> = ls
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(names, wal.files());
+    for (name, size, stored) in &rows {
+        assert_eq!(
+            *size,
+            std::fs::metadata(wal.path(name)).unwrap().len(),
+            "{name}"
+        );
+        assert!(*stored > 0);
+    }
+    let json = stdout_str(&sh_ok(&mut t.walfs(&["ls", "--json"])));
+    assert!(json.trim_start().starts_with('[') && json.contains(&wal.segments[0]));
+
+    // PostgreSQL re-archives after a crash: the same content again is a success.
+    let first = wal.path(&wal.segments[0]);
+    assert_code(&t.push(&first), 0, "identical re-push");
+
+    // Other content under an archived name is refused, and the archived copy is kept.
+    let other = scratch.join(&wal.segments[0]);
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[100_000] ^= 0xFF;
+    std::fs::write(&other, &bytes).unwrap();
+    let out = t.push(&other);
+    assert_code(&out, 1, "conflicting push");
+    let err = stderr_str(&out);
+    assert!(
+        err.contains("different file") && err.matches("sha256").count() == 2,
+        "{err}"
+    );
+    let again = out_dir.join("again");
+    assert_code(
+        &t.fetch(&wal.segments[0], &again),
+        0,
+        "fetch after conflict",
+    );
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&first).unwrap());
+
+    // Absent: exit 1, one line, no file.
+    let absent = out_dir.join("absent");
+    let out = t.fetch("0000000100000000000000FF", &absent);
+    assert_code(&out, 1, "fetch of an absent segment");
+    assert_eq!(stderr_str(&out).lines().count(), 1, "{}", stderr_str(&out));
+    assert!(!absent.exists());
+}
+
+#[test]
+fn local_archive_round_trips_real_segments_with_and_without_key() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-local");
+    for (tag, key) in [("plain", None), ("keyed", Some(keygen(scratch.path())))] {
+        let dir = scratch.path().join(tag);
+        let t = Target::local(&dir.join("archive"), key);
+        round_trip(&t, wal, &dir);
+        // The identity names the cluster the segments came from.
+        let id = std::fs::read_to_string(dir.join("archive/walfs.json")).unwrap();
+        assert!(id.contains(&wal.system_id.to_string()), "{id}");
+    }
+}
+
+#[test]
+fn s3_archive_round_trips_real_segments() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-s3");
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let key = keygen(scratch.path());
+    let t = Target::s3(&s3, "wal", "cluster-a", Some(key));
+    round_trip(&t, wal, scratch.path());
+    // Objects sit under the prefix, one per file, plus the identity.
+    let keys = s3.list_keys("wal", "cluster-a/");
+    assert!(
+        keys.contains(&"cluster-a/walfs.json".to_string()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&format!("cluster-a/wal/{}", wal.segments[0])),
+        "{keys:?}"
+    );
+    // A second prefix in the same bucket is a separate, empty archive.
+    let other = Target::s3(&s3, "wal", "cluster-b", None);
+    let out = other.fetch(&wal.segments[0], &scratch.path().join("x"));
+    assert_code(&out, 2, "fetch from an archive that does not exist");
+}
+
+/// Two hosts archiving different content under one name at the same moment: exactly one wins
+/// and the archive holds the winner's bytes.
+fn race(t: &Target, wal: &WalFixture, scratch: &Path) {
+    for (round, name) in wal.segments.iter().take(4).enumerate() {
+        let a = wal.path(name);
+        let b_dir = scratch.join(format!("race{round}"));
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let b = b_dir.join(name);
+        let mut bytes = std::fs::read(&a).unwrap();
+        bytes[200_000] ^= 0x55;
+        std::fs::write(&b, &bytes).unwrap();
+        let mut ca = t.walfs(&["push", a.to_str().unwrap()]);
+        let mut cb = t.walfs(&["push", b.to_str().unwrap()]);
+        let pa = ca.stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let pb = cb.stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let (oa, ob) = (
+            pa.wait_with_output().unwrap(),
+            pb.wait_with_output().unwrap(),
+        );
+        assert!(
+            oa.status.success() != ob.status.success(),
+            "round {round}: exactly one push must win: {:?} {} / {:?} {}",
+            oa.status,
+            stderr_str(&oa),
+            ob.status,
+            stderr_str(&ob)
+        );
+        let winner = if oa.status.success() { &a } else { &b };
+        let got = scratch.join(format!("race{round}.out"));
+        assert_code(&t.fetch(name, &got), 0, "fetch the winner");
+        assert!(std::fs::read(&got).unwrap() == std::fs::read(winner).unwrap());
+    }
+}
+
+#[test]
+fn racing_writers_one_wins_local_and_s3() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-race");
+    race(
+        &Target::local(&scratch.path().join("archive"), None),
+        wal,
+        scratch.path(),
+    );
+    let s3 = S3Server::start();
+    s3.create_bucket("race");
+    race(&Target::s3(&s3, "race", "p", None), wal, scratch.path());
+}
+
+#[test]
+fn damaged_swapped_and_mis_keyed_objects_are_never_served() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-tamper");
+    let key = keygen(scratch.path());
+    let archive = scratch.path().join("archive");
+    let t = Target::local(&archive, Some(key));
+    for name in &wal.segments[..4] {
+        assert_code(&t.push(&wal.path(name)), 0, "push");
+    }
+    let obj = |n: &str| archive.join("wal").join(n);
+    let (s0, s1, s2, s3) = (
+        &wal.segments[0],
+        &wal.segments[1],
+        &wal.segments[2],
+        &wal.segments[3],
+    );
+    // Flip one byte in the header, the body and the last tag byte.
+    let mut flipped = Vec::new();
+    for (name, at) in [(s0, 20usize), (s1, 5000), (s2, usize::MAX)] {
+        let mut b = std::fs::read(obj(name)).unwrap();
+        let i = at.min(b.len() - 1);
+        b[i] ^= 0x01;
+        std::fs::write(obj(name), b).unwrap();
+        flipped.push(name.clone());
+    }
+    // Truncate one and swap it with nothing else: s3 loses its tail.
+    let b = std::fs::read(obj(s3)).unwrap();
+    std::fs::write(obj(s3), &b[..b.len() / 2]).unwrap();
+    flipped.push(s3.clone());
+    let out_dir = scratch.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    for name in &flipped {
+        let dest = out_dir.join(name);
+        let out = t.fetch(name, &dest);
+        assert_code(&out, 4, &format!("fetch of damaged {name}"));
+        assert!(stderr_str(&out).contains("damaged"), "{}", stderr_str(&out));
+        assert!(!dest.exists(), "a damaged object left {dest:?}");
+    }
+    // A re-archive of a segment whose stored copy is damaged is not a success either.
+    assert!(!t.push(&wal.path(s1)).status.success());
+    // Swapped objects: two intact objects exchanged under each other's names.
+    let t2 = Target::local(&scratch.path().join("archive2"), t.key.clone());
+    let (a, b) = (&wal.segments[4], &wal.segments[5]);
+    assert_code(&t2.push(&wal.path(a)), 0, "push");
+    assert_code(&t2.push(&wal.path(b)), 0, "push");
+    let dir2 = scratch.path().join("archive2/wal");
+    std::fs::rename(dir2.join(a), dir2.join("tmp")).unwrap();
+    std::fs::rename(dir2.join(b), dir2.join(a)).unwrap();
+    std::fs::rename(dir2.join("tmp"), dir2.join(b)).unwrap();
+    for name in [a, b] {
+        let dest = out_dir.join(format!("swapped-{name}"));
+        assert_code(&t2.fetch(name, &dest), 4, "fetch of a swapped object");
+        assert!(!dest.exists());
+    }
+    // Wrong key and no key: named as such, not as damage.
+    let other_key = keygen(&scratch.path().join("other"));
+    let wrong = Target::local(&archive, Some(other_key));
+    let out = wrong.fetch(&wal.segments[6], &out_dir.join("w"));
+    assert_code(&out, 1, "fetch of a segment not archived yet");
+    assert_code(&t.push(&wal.path(&wal.segments[6])), 0, "push");
+    let out = wrong.fetch(&wal.segments[6], &out_dir.join("w"));
+    assert_code(&out, 4, "fetch with the wrong key");
+    assert!(
+        stderr_str(&out).contains("wrong key"),
+        "{}",
+        stderr_str(&out)
+    );
+    let none = Target::local(&archive, None);
+    let out = none.fetch(&wal.segments[6], &out_dir.join("n"));
+    assert_code(&out, 4, "fetch without a key");
+    assert!(
+        stderr_str(&out).contains("no key is configured"),
+        "{}",
+        stderr_str(&out)
+    );
+    // Pushing with another key, or none, into a keyed archive is refused.
+    for (t, what) in [(&wrong, "another key"), (&none, "no key")] {
+        let out = t.push(&wal.path(&wal.segments[7]));
+        assert_code(&out, 1, &format!("push with {what}"));
+        assert!(stderr_str(&out).contains("key id"), "{}", stderr_str(&out));
+    }
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_loses_nothing() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-bad");
+    let archive = scratch.path().join("archive");
+    let t = Target::local(&archive, None);
+    let seg = &wal.segments[0];
+    assert_code(&t.push(&wal.path(seg)), 0, "push");
+
+    let expect = |out: Output, want: i32, needle: &str, what: &str| {
+        assert_code(&out, want, what);
+        let err = stderr_str(&out);
+        assert!(err.contains(needle), "{what}: {err:?} lacks {needle:?}");
+        assert!(
+            err.lines().count() <= 2,
+            "{what}: more than one line: {err}"
+        );
+    };
+    // Names PostgreSQL never archives.
+    let odd = scratch.path().join("notes.txt");
+    std::fs::write(&odd, b"hello").unwrap();
+    expect(
+        t.push(&odd),
+        2,
+        "not a PostgreSQL WAL archive name",
+        "push notes.txt",
+    );
+    expect(
+        t.fetch("../../etc/passwd", &scratch.path().join("p")),
+        2,
+        "not a PostgreSQL",
+        "fetch ../",
+    );
+    // A WAL-named file that is not WAL, and a segment of another size.
+    let fake = scratch.path().join("fake").join("0000000100000000000000F0");
+    std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
+    std::fs::write(&fake, vec![0u8; 1 << 20]).unwrap();
+    expect(t.push(&fake), 1, "refused", "push of zeros");
+    // Key files: missing, unreadable shape.
+    let mut c = t.walfs(&["--key-file", "/nonexistent/key", "ls"]);
+    expect(run(&mut c), 2, "/nonexistent/key", "missing key file");
+    let short = scratch.path().join("short.key");
+    std::fs::write(&short, b"0123456789abcdef\n").unwrap();
+    let mut c = t.walfs(&["--key-file", short.to_str().unwrap(), "ls"]);
+    expect(run(&mut c), 2, "64 hex digits", "short key file");
+    // keygen never overwrites.
+    let k = keygen(scratch.path());
+    let before = std::fs::read(&k).unwrap();
+    let out = run(Command::new(walfs_bin()).arg("keygen").arg(&k));
+    expect(out, 2, "refusing to overwrite", "keygen over a key");
+    assert_eq!(std::fs::read(&k).unwrap(), before);
+    // Unknown scheme; a config file with a typo.
+    let mut c = Command::new(walfs_bin());
+    c.env("WALFS_CONFIG", "/dev/null")
+        .args(["--archive", "ftp://host/x", "ls"]);
+    expect(run(&mut c), 2, "unsupported archive URL scheme", "ftp://");
+    let cfg = scratch.path().join("walfs.toml");
+    std::fs::write(&cfg, "archve = \"file:///x\"\n").unwrap();
+    let mut c = Command::new(walfs_bin());
+    c.args(["--config", cfg.to_str().unwrap(), "ls"]);
+    expect(run(&mut c), 2, "archve", "config typo");
+    // Global options after the subcommand work as well as before it.
+    let mut c = Command::new(walfs_bin());
+    c.env("WALFS_CONFIG", "/dev/null")
+        .args(["ls", "--archive"])
+        .arg(format!("file://{}", archive.display()));
+    assert!(stdout_str(&sh_ok(&mut c)).contains(seg.as_str()));
+
+    // A full destination disk: an error, and neither the file nor a temp file is left.
+    let small = scratch.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    sh_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&small),
+    );
+    let out = t.fetch(seg, &small.join(seg));
+    let listing: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+    sh_ok(Command::new("umount").arg(&small));
+    expect(out, 3, "No space left on device", "fetch onto a full disk");
+    assert!(listing.is_empty(), "left behind: {listing:?}");
+}
+
+#[test]
+fn unreachable_servers_and_missing_buckets_are_errors_not_absence() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-unreach");
+    let seg = &wal.segments[0];
+    // Nothing listens on this port: retried for the retry budget, then exit 3.
+    let port = free_port();
+    let dead = Target {
+        url: "s3://wal/x".into(),
+        key: None,
+        env: vec![
+            ("AWS_ENDPOINT".into(), format!("http://127.0.0.1:{port}")),
+            ("AWS_ACCESS_KEY_ID".into(), "k".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "s".into()),
+            ("AWS_DEFAULT_REGION".into(), "us-east-1".into()),
+        ],
+    };
+    for args in [
+        vec!["push", wal.path(seg).to_str().unwrap()],
+        vec!["fetch", seg, "/tmp/never-written"],
+    ] {
+        let mut c = dead.walfs(&args);
+        c.env("WALFS_RETRY_TIMEOUT", "2s");
+        let t0 = Instant::now();
+        let out = run(&mut c);
+        assert_code(&out, 3, &format!("{} against a dead endpoint", args[0]));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "retries did not stop"
+        );
+    }
+    assert!(!Path::new("/tmp/never-written").exists());
+    // A bucket that does not exist: push fails, fetch says so instead of "absent".
+    let s3 = S3Server::start();
+    let t = Target::s3(&s3, "no-such-bucket", "p", None);
+    let out = t.push(&wal.path(seg));
+    assert_code(&out, 2, "push into a missing bucket");
+    assert!(
+        stderr_str(&out).contains("does not exist"),
+        "{}",
+        stderr_str(&out)
+    );
+    assert_eq!(stderr_str(&out).lines().count(), 1, "{}", stderr_str(&out));
+    let out = t.fetch(seg, &scratch.path().join("x"));
+    assert_code(&out, 2, "fetch from a missing bucket");
+    assert!(
+        stderr_str(&out).contains("no walfs archive"),
+        "{}",
+        stderr_str(&out)
+    );
+    // A local archive directory that does not exist is not an empty archive either.
+    let t = Target::local(&scratch.path().join("nowhere"), None);
+    assert_code(
+        &t.fetch(seg, &scratch.path().join("y")),
+        2,
+        "fetch from a missing directory",
+    );
+}
+
+/// PostgreSQL itself archives with `walfs push %p` and recovers with `walfs fetch %f %p`.
+#[test]
+fn postgres_archives_and_recovers_through_push_and_fetch() {
+    let scratch = scratch_dir("cli-pg");
+    // The postgres user runs walfs: give it a copy of the binary, a key and an archive it owns.
+    let bin = scratch.path().join("walfs");
+    std::fs::copy(walfs_bin(), &bin).unwrap();
+    let key = keygen(&scratch.path().join("keys"));
+    let archive = scratch.path().join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    chown_postgres(&key);
+    chown_postgres(&archive);
+    let walfs = format!(
+        "{} --config /dev/null --archive file://{} --key-file {}",
+        bin.display(),
+        archive.display(),
+        key.display()
+    );
+    let mut primary = Postgres::init(
+        &scratch.path().join("primary"),
+        InitOptions {
+            wal_segsize_mb: 1,
+            ..Default::default()
+        },
+    );
+    primary.set_conf(&format!(
+        "archive_mode = on\narchive_command = '{walfs} push %p'\n"
+    ));
+    primary.start();
+    primary.pgbench(&["-i", "-s", "2"]);
+    let backup = scratch.path().join("backup");
+    primary.base_backup(&backup);
+    primary.pgbench(&["-t", "300", "-c", "2"]);
+    let fingerprint = primary.psql(FINGERPRINT_SQL);
+    let last = primary.switch_wal();
+    primary.wait_archived_upto(&last);
+    let status = primary.archiver_status();
+    assert!(
+        status.contains("failed_count=0"),
+        "archive_command failed: {status}"
+    );
+    primary.stop();
+
+    let mut restored = Postgres::existing(&scratch.path().join("restored"), &backup);
+    restored.enable_recovery(&format!("{walfs} fetch %f %p"));
+    restored.start();
+    restored.wait_recovery_done(Duration::from_secs(120));
+    assert_eq!(
+        restored.psql(FINGERPRINT_SQL),
+        fingerprint,
+        "recovered data differs"
+    );
+    let log = std::fs::read_to_string(restored.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("restored log file"),
+        "recovery did not use the archive:\n{log}"
+    );
+}
