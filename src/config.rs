@@ -20,6 +20,8 @@ pub struct FileSettings {
     pub compression_level: Option<i32>,
     /// A duration such as "90s" or "5m".
     pub retry_timeout: Option<String>,
+    /// Bytes of plaintext the local cache keeps, such as "2GiB".
+    pub cache_size: Option<String>,
 }
 
 /// What flags and environment gave (None where neither did).
@@ -31,6 +33,7 @@ pub struct Overrides {
     pub cache_dir: Option<PathBuf>,
     pub compression_level: Option<i32>,
     pub retry_timeout: Option<Duration>,
+    pub cache_size: Option<u64>,
 }
 
 /// The settings in force.
@@ -41,6 +44,7 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     pub compression_level: i32,
     pub retry_timeout: Duration,
+    pub cache_size: u64,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -67,9 +71,13 @@ fn home_dir(var: &str, fallback: &str) -> PathBuf {
     }
 }
 
+/// The system-wide archive directory, shared by root (the mount) and the postgres user
+/// (archive_command) once it exists.
+pub const SYSTEM_ARCHIVE: &str = "/var/lib/walfs/archive";
+
 /// The embedded default: a local directory.
 pub fn default_archive() -> String {
-    if is_root() {
+    if is_root() || Path::new(SYSTEM_ARCHIVE).is_dir() {
         "file:///var/lib/walfs/archive".into()
     } else {
         let dir = home_dir("XDG_DATA_HOME", ".local/share").join("walfs/archive");
@@ -83,6 +91,30 @@ pub fn default_cache_dir() -> PathBuf {
     } else {
         home_dir("XDG_CACHE_HOME", ".cache").join("walfs")
     }
+}
+
+/// Parses a byte count: `1073741824`, `512MiB`, `2G` (binary units either way).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; try 2GiB or 512MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -119,6 +151,14 @@ impl Settings {
             })?,
             (None, None) => Duration::from_secs(60),
         };
+        let cache_size = match (o.cache_size, &file.cache_size) {
+            (Some(n), _) => n,
+            (None, Some(s)) => parse_size(s).map_err(|why| ConfigError::File {
+                path: config_file.clone().unwrap_or_default(),
+                why: format!("cache-size: {why}"),
+            })?,
+            (None, None) => 1 << 30,
+        };
         let compression_level = o.compression_level.or(file.compression_level).unwrap_or(3);
         if !(0..=22).contains(&compression_level) {
             return Err(ConfigError::Invalid(format!(
@@ -139,6 +179,7 @@ impl Settings {
                 .unwrap_or_else(default_cache_dir),
             compression_level,
             retry_timeout,
+            cache_size,
             config_file,
         })
     }
@@ -171,6 +212,16 @@ mod tests {
         let s = Settings::resolve(&o).unwrap();
         assert_eq!(s.archive, "file:///a");
         assert_eq!(s.compression_level, 1);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! walfs: a PostgreSQL WAL archive in an object store, presented as a directory.
 //!
-//! Data flows one way: `cli` → `store` → `envelope`; `wal` is vocabulary shared by all.
+//! Data flows one way: `cli`/`fs` → `cache` → `store` → `envelope`; `wal` is vocabulary
+//! shared by all.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod fs;
 pub mod store;
 pub mod wal;

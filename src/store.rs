@@ -420,6 +420,34 @@ impl Archive {
         }
     }
 
+    /// Checks the backend answers (one listing page): a missing bucket or container, bad
+    /// credentials or an unreachable endpoint fail here rather than on first use.
+    pub async fn probe(&self) -> Result<(), Error> {
+        let dir = self.prefix.clone().join(WAL_DIR);
+        let mut first = self.store.list(Some(&dir));
+        match first.next().await {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(object_store::Error::NotFound { .. })) => Err(Error::MissingContainer {
+                op: "listing the archive".into(),
+                url: self.url.clone(),
+            }),
+            Some(Err(e)) => Err(Error::backend(format!("listing {}", self.url), e)),
+        }
+    }
+
+    /// Deletes `name` from the archive; false when it was not there.
+    pub async fn delete(&self, name: &ArchiveName) -> Result<bool, Error> {
+        let path = self.object_path(name);
+        if self.head(&path).await?.is_none() {
+            return Ok(false);
+        }
+        match self.store.delete(&path).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::backend(format!("deleting {name}"), e)),
+        }
+    }
+
     /// Every archived file, page by page from the backend (memory stays flat whatever the
     /// archive's size). `after` resumes a listing past a name. The order is the backend's:
     /// object stores list in name order, a local directory in directory order.

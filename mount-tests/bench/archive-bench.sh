@@ -43,11 +43,13 @@ EOF
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
 PGPID=started
 psql_() { runuser -u postgres -- psql -h "$WORK" -XAtq -c "$1" postgres; }
-runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK" -i -q -s 20 postgres >/dev/null 2>&1
-for _ in $(seq 1 60); do
+# Initialisation (COPY, index builds) and transactions, round after round, until enough
+# segments are archived (bounded).
+for _ in $(seq 1 40); do
     n=$(find "$WORK/wal" -maxdepth 1 -name '[0-9A-F]*' -size 16M | wc -l)
     [ "$n" -ge "$SEGMENTS" ] && break
-    runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK" -c 4 -j 2 -T 5 postgres >/dev/null 2>&1
+    runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK" -i -q -s 10 postgres >/dev/null 2>&1
+    runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK" -c 4 -j 2 -T 3 postgres >/dev/null 2>&1
 done
 psql_ "select pg_switch_wal()" >/dev/null
 sleep 2

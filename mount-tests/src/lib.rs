@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+mod mount;
+pub use mount::{is_mounted, FaultProxy, WalfsMount};
+
 /// The OS user PostgreSQL runs as (Debian's packages create it).
 pub const PG_USER: &str = "postgres";
 

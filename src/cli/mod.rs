@@ -12,6 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod mount;
+
 /// Exit codes. PostgreSQL reads any non-zero restore_command status as "not available", so
 /// absence (1) is kept apart from failures (3, 4) for operators and scripts.
 pub mod exit {
@@ -60,6 +62,10 @@ struct GlobalArgs {
     #[arg(long, global = true, env = "WALFS_RETRY_TIMEOUT", value_name = "DURATION",
           value_parser = config::parse_duration)]
     retry_timeout: Option<std::time::Duration>,
+    /// Bytes of plaintext the local cache keeps (mount) [default: 1GiB]
+    #[arg(long, global = true, env = "WALFS_CACHE_SIZE", value_name = "SIZE",
+          value_parser = config::parse_size)]
+    cache_size: Option<u64>,
     /// More log output (-v: info, -vv: debug); WALFS_LOG takes a full filter
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -84,6 +90,9 @@ enum Command {
         /// Where to write it (%p); appears only complete and verified
         dest: PathBuf,
     },
+    /// Present the archive as a directory (archive_command = 'cp %p MOUNT/%f',
+    /// restore_command = 'cp MOUNT/%f %p'); runs until SIGINT or SIGTERM
+    Mount(MountArgs),
     /// List archived files: name, size, stored size
     Ls {
         /// One JSON array instead of lines
@@ -92,15 +101,39 @@ enum Command {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// An empty directory
+    pub mountpoint: PathBuf,
+    /// Serve reads only; writes fail with EROFS
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let users other than the mounting one in (the postgres user, when root mounts)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Let unlink delete from the archive (pg_archivecleanup MOUNT …)
+    #[arg(long)]
+    pub allow_delete: bool,
+    /// Owner of the files [default: the mounting user]
+    #[arg(long, value_name = "USER|UID")]
+    pub uid: Option<String>,
+    /// Group of the files [default: the mounting user's group]
+    #[arg(long, value_name = "GROUP|GID")]
+    pub gid: Option<String>,
+    /// Stay in the foreground (always: run it under systemd or with &)
+    #[arg(long)]
+    pub foreground: bool,
+}
+
 /// A failure with the exit code it maps to and the one line that explains it.
-struct Failure {
+pub struct Failure {
     code: u8,
     message: String,
 }
 
 impl Failure {
     /// One line, whatever the source said (backends quote whole XML error bodies).
-    fn new(code: u8, message: impl Into<String>) -> Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
         let message = message.into();
         Failure {
             code,
@@ -124,9 +157,10 @@ impl From<StoreError> for Failure {
 }
 
 fn init_logging(verbose: u8) {
+    // fuser warns about every request it answers with ENOSYS (xattrs, say): not ours to report.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,fuser=error",
+        1 => "info,fuser=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALFS_LOG")
@@ -171,6 +205,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         cache_dir: g.cache_dir,
         compression_level: g.compression_level,
         retry_timeout: g.retry_timeout,
+        cache_size: g.cache_size,
     };
     if let Command::Keygen { path } = &cli.command {
         return keygen(path);
@@ -182,6 +217,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Push { path, name } => push(&settings, &path, name.as_deref()).await,
         Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
         Command::Ls { json } => ls(&settings, json).await,
+        Command::Mount(args) => mount::run(&settings, &args).await,
     }
 }
 
@@ -205,7 +241,7 @@ fn load_key(settings: &Settings) -> Result<Option<Key>, Failure> {
     Ok(Some(key))
 }
 
-fn open_archive(settings: &Settings, create: bool) -> Result<Archive, Failure> {
+pub(crate) fn open_archive(settings: &Settings, create: bool) -> Result<Archive, Failure> {
     let key = load_key(settings)?;
     let cfg = StoreConfig {
         url: settings.archive.clone(),

@@ -1,0 +1,374 @@
+//! `walfs mount` with a real FUSE mount, real PostgreSQL (as the postgres user) archiving with
+//! `cp %p MOUNT/%f` and recovering with `cp MOUNT/%f %p`, on a local archive and on a real
+//! S3-protocol server on 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use walfs_mount_tests::*;
+
+fn keygen(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let key = dir.join("key");
+    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
+    key
+}
+
+fn local_args(archive: &Path, key: Option<&Path>) -> Vec<String> {
+    let mut a = vec![
+        "--archive".to_string(),
+        format!("file://{}", archive.display()),
+    ];
+    if let Some(k) = key {
+        a.extend(["--key-file".to_string(), k.display().to_string()]);
+    }
+    a
+}
+
+/// `walfs ARGS…` against the same archive as a mount (CLI path, not through FUSE).
+fn walfs(args: &[String], env: &[(String, String)], more: &[&str]) -> Command {
+    let mut c = Command::new(walfs_bin());
+    c.env("WALFS_CONFIG", "/dev/null")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .args(more);
+    c
+}
+
+/// `cp` as the postgres user; returns whether it succeeded.
+fn pg_cp(from: &Path, to: &Path) -> bool {
+    let out = run(as_postgres("cp").arg(from).arg(to));
+    out.status.success()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    sh_ok(Command::new("cp").arg("-a").arg(from).arg(to));
+}
+
+/// Point-in-time recovery and a timeline switch, all through the mount.
+fn pitr_and_timelines(scratch: &Path, args: &[String], env: &[(String, String)]) {
+    let mount = WalfsMount::start(scratch, args, env);
+    let mnt = mount.path().display().to_string();
+    let archive_cmd = format!("archive_mode = on\narchive_command = 'cp %p {mnt}/%f'");
+    let restore_cmd = format!("cp {mnt}/%f %p");
+
+    let mut primary = Postgres::init(
+        &scratch.join("primary"),
+        InitOptions {
+            wal_segsize_mb: 1,
+            ..Default::default()
+        },
+    );
+    primary.set_conf(&archive_cmd);
+    primary.start();
+    primary.pgbench(&["-i", "-s", "2"]);
+    let backup = scratch.join("backup");
+    primary.base_backup(&backup);
+    let backup2 = scratch.join("backup2");
+    copy_dir(&backup, &backup2);
+    primary.pgbench(&["-t", "200", "-c", "2"]);
+    let at_target = primary.psql(FINGERPRINT_SQL);
+    primary.psql("select pg_create_restore_point('walfs_target')");
+    primary.pgbench(&["-t", "200", "-c", "2"]);
+    let at_end = primary.psql(FINGERPRINT_SQL);
+    assert_ne!(at_target, at_end);
+    let last = primary.switch_wal();
+    primary.wait_archived_upto(&last);
+    let status = primary.archiver_status();
+    assert!(
+        status.contains("failed_count=0"),
+        "cp into the mount failed: {status}"
+    );
+    primary.stop();
+
+    // 1. Recover to the restore point: the data is exactly what the primary had there.
+    let mut restored = Postgres::existing(&scratch.join("restored"), &backup);
+    restored.enable_recovery(&restore_cmd);
+    restored.set_conf(&format!(
+        "recovery_target_name = 'walfs_target'\nrecovery_target_action = 'promote'\n{archive_cmd}"
+    ));
+    restored.start();
+    restored.wait_recovery_done(Duration::from_secs(120));
+    assert_eq!(
+        restored.psql(FINGERPRINT_SQL),
+        at_target,
+        "PITR result differs"
+    );
+
+    // 2. The promoted server archives its history file and new timeline through the mount.
+    assert_eq!(
+        restored.psql("select timeline_id from pg_control_checkpoint()"),
+        "2"
+    );
+    restored.pgbench(&["-t", "150", "-c", "2"]);
+    let on_tl2 = restored.psql(FINGERPRINT_SQL);
+    let last2 = restored.switch_wal();
+    assert!(last2.starts_with("00000002"), "{last2}");
+    restored.wait_archived_upto(&last2);
+    restored.stop();
+    assert!(
+        mount.file("00000002.history").exists(),
+        "history file not archived"
+    );
+
+    // A third server follows the archive onto the new timeline.
+    let mut third = Postgres::existing(&scratch.join("third"), &backup2);
+    third.enable_recovery(&restore_cmd);
+    third.set_conf("recovery_target_timeline = 'latest'");
+    third.start();
+    third.wait_recovery_done(Duration::from_secs(120));
+    assert_eq!(
+        third.psql(FINGERPRINT_SQL),
+        on_tl2,
+        "recovery onto timeline 2 differs"
+    );
+    let log = std::fs::read_to_string(third.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("restored log file \"00000002.history\""),
+        "{log}"
+    );
+    third.stop();
+    drop(mount);
+}
+
+#[test]
+fn pitr_and_timeline_switch_through_the_mount_on_a_local_archive() {
+    let scratch = scratch_dir("mount-pitr-local");
+    let key = keygen(&scratch.path().join("keys"));
+    let args = local_args(&scratch.path().join("archive"), Some(&key));
+    pitr_and_timelines(scratch.path(), &args, &[]);
+}
+
+#[test]
+fn pitr_and_timeline_switch_through_the_mount_on_s3() {
+    let scratch = scratch_dir("mount-pitr-s3");
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let key = keygen(&scratch.path().join("keys"));
+    let args = vec![
+        "--archive".to_string(),
+        "s3://wal/cluster".to_string(),
+        "--key-file".to_string(),
+        key.display().to_string(),
+    ];
+    pitr_and_timelines(scratch.path(), &args, &s3.env());
+    assert!(s3
+        .list_keys("wal", "cluster/wal/")
+        .contains(&"cluster/wal/00000002.history".to_string()));
+}
+
+#[test]
+fn shell_tools_see_a_directory_with_the_right_errors() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("mount-shell");
+    let key = keygen(&scratch.path().join("keys"));
+    let archive = scratch.path().join("archive");
+    let args = local_args(&archive, Some(&key));
+    let out = scratch.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    chown_postgres(&out);
+    let mut mount = WalfsMount::start(scratch.path(), &args, &[]);
+    let segs = &wal.segments;
+
+    // Archive three segments and the backup label with plain cp, as PostgreSQL would.
+    for name in segs[..3].iter().chain(&wal.backup_files) {
+        assert!(
+            pg_cp(&wal.path(name), &mount.file(name)),
+            "cp into the mount: {name}"
+        );
+    }
+    // Readable at once, byte for byte, with exact sizes in ls -l.
+    for name in segs[..3].iter().chain(&wal.backup_files) {
+        let dest = out.join(name);
+        assert!(
+            pg_cp(&mount.file(name), &dest),
+            "cp out of the mount: {name}"
+        );
+        assert!(std::fs::read(&dest).unwrap() == std::fs::read(wal.path(name)).unwrap());
+        assert_eq!(
+            std::fs::metadata(mount.file(name)).unwrap().len(),
+            std::fs::metadata(wal.path(name)).unwrap().len()
+        );
+    }
+    let ls = stdout_str(&sh_ok(Command::new("ls").arg("-l").arg(mount.path())));
+    for name in &segs[..3] {
+        assert!(ls.contains(name.as_str()), "{ls}");
+    }
+
+    // Absent names: ENOENT, and not remembered: a file archived meanwhile appears at once.
+    let later = &segs[5];
+    assert!(!mount.file(later).exists());
+    let err = run(Command::new("cat").arg(mount.file(later)));
+    assert!(
+        stderr_str(&err).contains("No such file"),
+        "{}",
+        stderr_str(&err)
+    );
+    sh_ok(&mut walfs(
+        &args,
+        &[],
+        &["push", wal.path(later).to_str().unwrap()],
+    ));
+    assert!(
+        mount.file(later).exists(),
+        "a newly archived file stays invisible"
+    );
+
+    // Identical re-archive succeeds; other content fails and changes nothing.
+    assert!(
+        pg_cp(&wal.path(&segs[0]), &mount.file(&segs[0])),
+        "identical re-cp failed"
+    );
+    let other = out.join("other");
+    let mut bytes = std::fs::read(wal.path(&segs[1])).unwrap();
+    bytes[300_000] ^= 0x5A;
+    std::fs::write(&other, &bytes).unwrap();
+    chown_postgres(&other);
+    let res = run(as_postgres("cp").arg(&other).arg(mount.file(&segs[1])));
+    assert!(!res.status.success(), "cp of different content succeeded");
+    assert!(
+        mount.log().contains("different file"),
+        "{}",
+        mount.log_tail(20)
+    );
+    let check = out.join("check");
+    assert!(pg_cp(&mount.file(&segs[1]), &check));
+    assert!(std::fs::read(&check).unwrap() == std::fs::read(wal.path(&segs[1])).unwrap());
+
+    // Names PostgreSQL never archives, directories, links, renames, deletes: refused.
+    let notes = out.join("notes.txt");
+    std::fs::write(&notes, b"hi").unwrap();
+    assert!(!pg_cp(&notes, &mount.file("notes.txt")));
+    assert!(!mount.file("notes.txt").exists());
+    assert!(!run(as_postgres("mkdir").arg(mount.file("sub")))
+        .status
+        .success());
+    assert!(!run(as_postgres("ln")
+        .arg("-s")
+        .arg("x")
+        .arg(mount.file("000000010000000000000077")))
+    .status
+    .success());
+    assert!(!run(as_postgres("mv")
+        .arg(mount.file(&segs[0]))
+        .arg(mount.file(&segs[7])))
+    .status
+    .success());
+    let rm = run(as_postgres("rm").arg("-f").arg(mount.file(&segs[0])));
+    assert!(
+        !rm.status.success() && stderr_str(&rm).contains("not permitted"),
+        "{}",
+        stderr_str(&rm)
+    );
+    assert!(mount.file(&segs[0]).exists());
+
+    // A damaged object (pushed by another host, never cached here) is an error, not data.
+    let victim = &segs[6];
+    sh_ok(&mut walfs(
+        &args,
+        &[],
+        &["push", wal.path(victim).to_str().unwrap()],
+    ));
+    let obj = archive.join("wal").join(victim);
+    let mut b = std::fs::read(&obj).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(&obj, b).unwrap();
+    let dest = out.join(victim);
+    let res = run(as_postgres("cp").arg(mount.file(victim)).arg(&dest));
+    assert!(!res.status.success(), "a damaged object was copied out");
+    assert!(
+        std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0) == 0,
+        "damaged bytes reached {dest:?}"
+    );
+    assert!(mount.log().contains("damaged"), "{}", mount.log_tail(20));
+
+    // Unmount while idle, mount again, read again.
+    mount.stop();
+    let mount = WalfsMount::start(scratch.path(), &args, &[]);
+    let again = out.join("again");
+    assert!(pg_cp(&mount.file(&segs[2]), &again));
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(wal.path(&segs[2])).unwrap());
+    drop(mount);
+}
+
+#[test]
+fn a_failing_store_fails_the_cp_and_archives_nothing() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("mount-fail");
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let proxy = FaultProxy::start(s3.port());
+    let mut env = s3.env();
+    for (k, v) in env.iter_mut() {
+        if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
+            *v = proxy.endpoint();
+        }
+    }
+    env.push(("WALFS_RETRY_TIMEOUT".into(), "3s".into()));
+    let args = vec!["--archive".to_string(), "s3://wal/p".to_string()];
+    let mount = WalfsMount::start(scratch.path(), &args, &env);
+    let segs = &wal.segments;
+    assert!(pg_cp(&wal.path(&segs[0]), &mount.file(&segs[0])));
+
+    proxy.set_down(true);
+    let t0 = Instant::now();
+    assert!(
+        !pg_cp(&wal.path(&segs[1]), &mount.file(&segs[1])),
+        "cp succeeded with the store down"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the failure took {:?}",
+        t0.elapsed()
+    );
+    proxy.set_down(false);
+    let keys = s3.list_keys("wal", "p/wal/");
+    assert!(
+        !keys.iter().any(|k| k.ends_with(&segs[1])),
+        "recorded though cp failed: {keys:?}"
+    );
+    assert!(!mount.file(&segs[1]).exists());
+    // PostgreSQL's retry then succeeds.
+    assert!(
+        pg_cp(&wal.path(&segs[1]), &mount.file(&segs[1])),
+        "retry after recovery failed"
+    );
+    assert!(s3
+        .list_keys("wal", "p/wal/")
+        .iter()
+        .any(|k| k.ends_with(&segs[1])));
+    drop(mount);
+
+    // A local archive on a full disk: the cp fails, no partial object is left.
+    let small = scratch.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    sh_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=600k", "tmpfs"])
+            .arg(&small),
+    );
+    let args = local_args(&small, None);
+    let mount_dir = scratch.path().join("local");
+    std::fs::create_dir_all(&mount_dir).unwrap();
+    let mount = WalfsMount::start(&mount_dir, &args, &[]);
+    let mut failed = None;
+    for name in segs {
+        if !pg_cp(&wal.path(name), &mount.file(name)) {
+            failed = Some(name.clone());
+            break;
+        }
+    }
+    let listing = stdout_str(&sh_ok(&mut walfs(&args, &[], &["ls"])));
+    let staged: Vec<_> = std::fs::read_dir(small.join("wal"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    drop(mount);
+    let _ = Command::new("umount").arg(&small).status();
+    let failed = failed.expect("a 600 KiB archive never filled up");
+    assert!(!listing.contains(failed.as_str()), "{listing}");
+    assert!(
+        staged.iter().all(|n| !n.to_string_lossy().contains('#')),
+        "staging files left behind: {staged:?}"
+    );
+}

@@ -1,0 +1,204 @@
+//! `walfs mount`: checks, mount, and a clean unmount on SIGINT/SIGTERM.
+
+use super::{exit, open_archive, Failure, MountArgs};
+use crate::cache::{Cache, CacheOptions};
+use crate::config::Settings;
+use crate::fs::{self, MountOptions, WalFs};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::new(exit::USAGE, msg)
+}
+
+/// A user name or a number.
+fn resolve_uid(spec: &str) -> Result<u32, Failure> {
+    if let Ok(n) = spec.parse() {
+        return Ok(n);
+    }
+    let c = CString::new(spec).map_err(|_| usage(format!("--uid {spec:?}: not a user")))?;
+    // SAFETY: getpwnam reads a NUL-terminated name; the result is used before any other call.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        return Err(usage(format!("--uid {spec:?}: no such user")));
+    }
+    // SAFETY: non-null pointer to a passwd entry owned by libc.
+    Ok(unsafe { (*pw).pw_uid })
+}
+
+fn resolve_gid(spec: &str) -> Result<u32, Failure> {
+    if let Ok(n) = spec.parse() {
+        return Ok(n);
+    }
+    let c = CString::new(spec).map_err(|_| usage(format!("--gid {spec:?}: not a group")))?;
+    // SAFETY: as in resolve_uid, for groups.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        // A user name given for the group means that user's primary group.
+        let pw_c = c.as_ptr();
+        // SAFETY: as in resolve_uid.
+        let pw = unsafe { libc::getpwnam(pw_c) };
+        if pw.is_null() {
+            return Err(usage(format!("--gid {spec:?}: no such group")));
+        }
+        // SAFETY: non-null pointer to a passwd entry owned by libc.
+        return Ok(unsafe { (*pw).pw_gid });
+    }
+    // SAFETY: non-null pointer to a group entry owned by libc.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Mount points in /proc/self/mountinfo (field 5, octal escapes undone).
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| {
+        let mut out = String::new();
+        let mut chars = mp.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                let code: String = chars.by_ref().take(3).collect();
+                if let Ok(b) = u8::from_str_radix(&code, 8) {
+                    out.push(b as char);
+                    continue;
+                }
+                out.push('\\');
+                out.push_str(&code);
+            } else {
+                out.push(c);
+            }
+        }
+        out == want
+    })
+}
+
+fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
+    let shown = path.display();
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| usage(format!("mountpoint {shown}: {e}")))?;
+    if !canonical.is_dir() {
+        return Err(usage(format!("mountpoint {shown} is not a directory")));
+    }
+    if is_mount_point(&canonical) {
+        return Err(usage(format!(
+            "{shown} is already a mount point (another walfs? unmount it with fusermount3 -u {shown})"
+        )));
+    }
+    let mut entries =
+        std::fs::read_dir(&canonical).map_err(|e| usage(format!("mountpoint {shown}: {e}")))?;
+    if entries.next().is_some() {
+        return Err(usage(format!("mountpoint {shown} is not empty")));
+    }
+    Ok(canonical)
+}
+
+fn check_fuse() -> Result<(), Failure> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(usage(
+            "no /dev/fuse: load the fuse module (modprobe fuse), or give the container --device /dev/fuse",
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        let found = std::env::var_os("PATH").is_some_and(|p| {
+            std::env::split_paths(&p)
+                .any(|d| d.join("fusermount3").exists() || d.join("fusermount").exists())
+        });
+        if !found {
+            return Err(usage(
+                "mounting as a user needs fusermount3: apt install fuse3 (or mount as root)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Failure> {
+    // SAFETY: geteuid/getegid have no preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let opts = MountOptions {
+        uid: args
+            .uid
+            .as_deref()
+            .map(resolve_uid)
+            .transpose()?
+            .unwrap_or(euid),
+        gid: args
+            .gid
+            .as_deref()
+            .map(resolve_gid)
+            .transpose()?
+            .unwrap_or(egid),
+        read_only: args.read_only,
+        allow_delete: args.allow_delete,
+        allow_other: args.allow_other,
+    };
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    check_fuse()?;
+    let archive = Arc::new(open_archive(settings, !args.read_only)?);
+    archive.probe().await?;
+    let cache = Cache::new(
+        archive.clone(),
+        &CacheOptions {
+            dir: settings.cache_dir.clone(),
+            max_bytes: settings.cache_size,
+        },
+    )
+    .map_err(|e| {
+        usage(format!(
+            "cache directory {}: {e}",
+            settings.cache_dir.display()
+        ))
+    })?;
+    let fs = WalFs::new(Arc::new(cache), opts, tokio::runtime::Handle::current());
+    let session = fs::spawn(fs, &mountpoint).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                " (mount as root, or allow it in /etc/fuse.conf)"
+            }
+            _ => "",
+        };
+        usage(format!("mounting {}: {e}{hint}", mountpoint.display()))
+    })?;
+    tracing::warn!(archive = archive.url(), mountpoint = %mountpoint.display(), "mounted");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("signal handler: {e}")))?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let reason = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break "SIGINT",
+            _ = term.recv() => break "SIGTERM",
+            _ = ticker.tick() => {
+                if session.guard.is_finished() {
+                    break "unmounted from outside";
+                }
+            }
+        }
+    };
+    tracing::warn!(mountpoint = %mountpoint.display(), reason, "unmounting");
+    let mp = mountpoint.clone();
+    let result = tokio::task::spawn_blocking(move || session.umount_and_join())
+        .await
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("unmount task: {e}")))?;
+    if let Err(e) = result {
+        // Busy (a shell's working directory inside, say): detach so the path frees up as
+        // soon as the last user leaves.
+        let c = CString::new(mp.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: umount2 with a NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 && is_mount_point(&mp) {
+            return Err(Failure::new(
+                exit::UNAVAILABLE,
+                format!("unmounting {}: {e}", mp.display()),
+            ));
+        }
+    }
+    Ok(())
+}
