@@ -8,7 +8,7 @@
 
 use crate::cache::{Cache, CachedFile, LoadError};
 use crate::store::{Entry, Error as StoreError};
-use crate::wal::ArchiveName;
+use crate::wal::{ArchiveName, FileKind};
 use bytes::Bytes;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -78,6 +78,8 @@ struct DirCursor {
     /// The offset the kernel asks for to continue this listing.
     next: u64,
     pending: Option<Entry>,
+    /// The archive's segment size: a listed segment's size needs no request of its own.
+    segment_size: Option<u64>,
 }
 
 enum Open {
@@ -710,6 +712,7 @@ impl Filesystem for WalFs {
                 stream: None,
                 next: u64::MAX,
                 pending: None,
+                segment_size: None,
             }))));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
@@ -735,6 +738,15 @@ impl Filesystem for WalFs {
             let mut c = cursor.lock().await;
             // Offsets: "." is 1, ".." is 2, the i-th archived file is 3 + i.
             if c.stream.is_none() || offset != c.next {
+                if c.segment_size.is_none() {
+                    c.segment_size = match inner.cache.archive().identity().await {
+                        Ok(id) => id.map(|i| i.wal_segment_size),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the archive identity failed");
+                            return reply.error(Errno::EIO);
+                        }
+                    };
+                }
                 c.stream = Some(inner.cache.list());
                 c.pending = None;
                 let mut skip = offset.saturating_sub(2);
@@ -779,6 +791,10 @@ impl Filesystem for WalFs {
                         None => break,
                     },
                 };
+                // `ls -l` looks up every name next: answer those from memory.
+                if let (FileKind::Segment, Some(size)) = (entry.name.kind(), c.segment_size) {
+                    inner.cache.note_size(&entry.name, size);
+                }
                 let name = entry.name.to_string();
                 if reply.add(
                     INodeNo(listing_ino(&entry.name)),

@@ -17,7 +17,9 @@ PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 WORK=$(mktemp -d /tmp/walfs-bench.XXXXXX)
 chmod 0777 "$WORK"
 PGPID=""
+MPID=""
 cleanup() {
+    stop_mount
     if [ -n "$PGPID" ]; then
         runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
     fi
@@ -64,6 +66,17 @@ MIB=$((SEGMENTS * 16))
 "$WALFS" keygen "$WORK/key" >/dev/null
 
 now() { date +%s.%N; }
+start_mount() { # ARCHIVE_URL [more walfs args]
+    mkdir -p "$WORK/mnt"
+    rm -rf "$WORK/cache"
+    "$WALFS" --config /dev/null --archive "$1" "${@:2}" --cache-dir "$WORK/cache" mount "$WORK/mnt" 2>>"$WORK/mount.log" &
+    MPID=$!
+    for _ in $(seq 1 100); do mountpoint -q "$WORK/mnt" && return 0; sleep 0.1; done
+    cat "$WORK/mount.log" >&2; exit 1
+}
+stop_mount() {
+    if [ -n "$MPID" ]; then kill -TERM "$MPID" 2>/dev/null || true; wait "$MPID" 2>/dev/null || true; MPID=""; fi
+}
 # time_cmd NAME SETUP COMMAND: runs SETUP, then times COMMAND over every segment.
 declare -A RESULTS
 measure() {
@@ -86,17 +99,25 @@ measure "push" 'rm -rf $WORK/a1' '$WALFS --archive file://$WORK/a1 push $WORK/se
 measure "push+key" 'rm -rf $WORK/a2' '$WALFS --archive file://$WORK/a2 --key-file $WORK/key push $WORK/set/$f'
 measure "fetch" 'rm -rf $WORK/dst; mkdir $WORK/dst' '$WALFS --archive file://$WORK/a1 fetch $f $WORK/dst/$f'
 measure "fetch+key" 'rm -rf $WORK/dst; mkdir $WORK/dst' '$WALFS --archive file://$WORK/a2 --key-file $WORK/key fetch $f $WORK/dst/$f'
+# Through the mount: cp in (fresh archive each run), cp out cold (fresh mount and cache each
+# run), cp out warm (the same files again in the same mount).
+measure "mount-cp-in" 'stop_mount; rm -rf $WORK/a3; start_mount file://$WORK/a3' 'cp $WORK/set/$f $WORK/mnt/$f'
+measure "mount-cp-in+key" 'stop_mount; rm -rf $WORK/a4; start_mount file://$WORK/a4 --key-file $WORK/key' 'cp $WORK/set/$f $WORK/mnt/$f'
+measure "mount-cold" 'stop_mount; start_mount file://$WORK/a1; rm -rf $WORK/dst; mkdir $WORK/dst' 'cp $WORK/mnt/$f $WORK/dst/$f'
+measure "mount-cold+key" 'stop_mount; start_mount file://$WORK/a2 --key-file $WORK/key; rm -rf $WORK/dst; mkdir $WORK/dst' 'cp $WORK/mnt/$f $WORK/dst/$f'
+measure "mount-warm+key" 'rm -rf $WORK/dst; mkdir $WORK/dst' 'cp $WORK/mnt/$f $WORK/dst/$f'
+stop_mount
 cmp -s "$WORK/set/$(ls "$WORK/set" | tail -1)" "$WORK/dst/$(ls "$WORK/set" | tail -1)" || { echo "fetched bytes differ" >&2; exit 1; }
 
 stored=$(du -sb --apparent-size "$WORK/a2/wal" | cut -f1)
 echo
 echo "walfs archive benchmark: $SEGMENTS x 16 MiB real pgbench segments, median of $RUNS runs"
 echo "machine: $(nproc) cores, $(uname -r), $(lscpu | sed -n 's/^Model name: *//p')"
-printf '%-10s %10s %10s %12s\n' what seconds MiB/s "vs cp"
+printf '%-16s %8s %9s %9s %8s\n' what seconds MiB/s seg/s "vs cp"
 base=${RESULTS[cp]}
-for k in cp cp+fsync push push+key fetch fetch+key; do
+for k in cp cp+fsync push push+key fetch fetch+key mount-cp-in mount-cp-in+key mount-cold mount-cold+key mount-warm+key; do
     t=${RESULTS[$k]}
-    printf '%-10s %10.2f %10.1f %11.2fx\n' "$k" "$t" "$(echo "$MIB / $t" | bc -l)" "$(echo "$base / $t" | bc -l)"
+    printf '%-16s %8.2f %9.1f %9.1f %7.2fx\n' "$k" "$t" "$(echo "$MIB / $t" | bc -l)" "$(echo "$SEGMENTS / $t" | bc -l)" "$(echo "$base / $t" | bc -l)"
 done
 printf 'compression: %d MiB of WAL stored in %.1f MiB (%.2fx)\n' "$MIB" "$(echo "$stored / 1048576" | bc -l)" \
     "$(echo "$MIB * 1048576 / $stored" | bc -l)"

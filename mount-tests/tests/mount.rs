@@ -372,3 +372,59 @@ fn a_failing_store_fails_the_cp_and_archives_nothing() {
         "staging files left behind: {staged:?}"
     );
 }
+
+/// Peak resident memory of a process, in KiB.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_large_archive_lists_every_name_once_with_bounded_memory() {
+    const N: u32 = 20_000;
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("mount-big");
+    let archive = scratch.path().join("archive");
+    let args = local_args(&archive, None);
+    let first = &wal.segments[0];
+    sh_ok(&mut walfs(
+        &args,
+        &[],
+        &["push", wal.path(first).to_str().unwrap()],
+    ));
+    // Many more names: listing reads names and the archive's segment size, never content.
+    let stub = std::fs::read(archive.join("wal").join(first)).unwrap();
+    let first_no = u64::from_str_radix(&first[16..24], 16).unwrap()
+        + 4096 * u64::from_str_radix(&first[8..16], 16).unwrap();
+    let mut names = vec![first.clone()];
+    for i in 1..u64::from(N) {
+        let seg = first_no + i;
+        let name = format!("00000001{:08X}{:08X}", seg / 4096, seg % 4096);
+        std::fs::write(archive.join("wal").join(&name), &stub[..200]).unwrap();
+        names.push(name);
+    }
+    names.sort();
+    let mount = WalfsMount::start(scratch.path(), &args, &[]);
+    let out = sh_ok(Command::new("ls").arg("-l").arg(mount.path()));
+    let listed: Vec<String> = stdout_str(&out)
+        .lines()
+        .skip(1) // "total …"
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f[4], "1048576", "size of {l}");
+            f[8].to_string()
+        })
+        .collect();
+    assert_eq!(listed.len(), names.len(), "listing lost or repeated names");
+    assert!(listed == names, "listing differs from the archive");
+    let hwm = vm_hwm_kib(mount.pid());
+    assert!(
+        hwm > 0 && hwm < 256 * 1024,
+        "peak RSS {hwm} KiB listing {N} names"
+    );
+    drop(mount);
+}
