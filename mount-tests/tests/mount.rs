@@ -428,3 +428,84 @@ fn a_large_archive_lists_every_name_once_with_bounded_memory() {
     );
     drop(mount);
 }
+
+#[test]
+fn an_unreachable_store_is_an_error_on_reads_never_absence() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("mount-read-fail");
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let proxy = FaultProxy::start(s3.port());
+    let mut env = s3.env();
+    for (k, v) in env.iter_mut() {
+        if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
+            *v = proxy.endpoint();
+        }
+    }
+    env.push(("WALFS_RETRY_TIMEOUT".into(), "2s".into()));
+    let args = vec!["--archive".to_string(), "s3://wal/p".to_string()];
+    // Archived by another host: nothing of it is cached by this mount.
+    for name in &wal.segments[..2] {
+        sh_ok(&mut walfs(
+            &args,
+            &env,
+            &["push", wal.path(name).to_str().unwrap()],
+        ));
+    }
+    let mount = WalfsMount::start(scratch.path(), &args, &env);
+    proxy.set_down(true);
+    for name in [&wal.segments[0], &wal.segments[7]] {
+        let out = run(Command::new("cat").arg(mount.file(name)));
+        assert!(!out.status.success(), "read {name} with the store down");
+        let err = stderr_str(&out);
+        assert!(
+            err.contains("Input/output error") && !err.contains("No such file"),
+            "{name}: {err}"
+        );
+    }
+    proxy.set_down(false);
+    let dest = scratch.path().join("back");
+    sh_ok(
+        Command::new("cp")
+            .arg(mount.file(&wal.segments[0]))
+            .arg(&dest),
+    );
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(wal.path(&wal.segments[0])).unwrap());
+    drop(mount);
+}
+
+#[test]
+fn mountpoints_that_cannot_work_are_refused_with_a_reason() {
+    let scratch = scratch_dir("mount-refuse");
+    let args = local_args(&scratch.path().join("archive"), None);
+    let busy = scratch.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("x"), b"x").unwrap();
+    for (dir, why) in [
+        (busy.clone(), "not empty"),
+        (scratch.path().join("missing"), "No such file"),
+        (busy.join("x"), "not a directory"),
+    ] {
+        let out = run(&mut walfs(&args, &[], &["mount", dir.to_str().unwrap()]));
+        assert_eq!(out.status.code(), Some(2), "mount on {dir:?}");
+        assert!(
+            stderr_str(&out).contains(why),
+            "{dir:?}: {}",
+            stderr_str(&out)
+        );
+    }
+    // A second mount on a live one.
+    let mount = WalfsMount::start(scratch.path(), &args, &[]);
+    let out = run(&mut walfs(
+        &args,
+        &[],
+        &["mount", mount.path().to_str().unwrap()],
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_str(&out).contains("already a mount point"),
+        "{}",
+        stderr_str(&out)
+    );
+    drop(mount);
+}
