@@ -2,20 +2,29 @@
 //! `moka` and bounded in bytes, with single-flight loads; sizes of known names; and the
 //! write spool for files being archived through the mount.
 //!
-//! Layout: `<cache-dir>/<archive id>/plain/` (plaintext, rebuilt every start) and
-//! `<cache-dir>/<archive id>/writes/` (files being written, never acknowledged before upload).
+//! Opening a segment also runs the read-ahead planner (`crate::readahead`): the segments it
+//! names are probed in order (one small ranged read each, stopping at the first that is not
+//! archived) and loaded in the background, a few at a time, into `planned` until a reader
+//! takes them. Planned files are held outside the LRU, so eviction takes already-served
+//! files first, and `planned` never holds more than the planner's window.
+//!
+//! Layout: `<cache-dir>/<archive id>/plain/` (plaintext, rebuilt every start),
+//! `<cache-dir>/<archive id>/writes/` (files being written, never acknowledged before upload)
+//! and `<cache-dir>/<archive id>/stats.json` (read-ahead counters, for `walfs status`).
 
+use crate::readahead::{parse_history, Planner, Timelines};
 use crate::store::{Archive, Entry, Error, PushOutcome};
-use crate::wal::ArchiveName;
+use crate::wal::{ArchiveName, FileKind, SegmentId, SegmentSize};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// A verified plaintext file in the cache. Readers keep it open: eviction only unlinks it.
 #[derive(Debug)]
@@ -57,6 +66,70 @@ pub struct CacheOptions {
     pub dir: PathBuf,
     /// Bytes of plaintext kept on disk.
     pub max_bytes: u64,
+    /// Bytes of segments loaded ahead of the reader (0: no read-ahead).
+    pub prefetch_bytes: u64,
+    /// Segments loaded ahead at the same time.
+    pub prefetch_concurrency: usize,
+}
+
+/// Read-ahead counters (monotonic), as `walfs status` and the log show them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Segment opens.
+    pub requests: AtomicU64,
+    /// Opens served by a finished read-ahead.
+    pub hits: AtomicU64,
+    /// Opens that joined a read-ahead still loading.
+    pub joined: AtomicU64,
+    /// Opens that loaded on demand (not planned).
+    pub misses: AtomicU64,
+    /// Segments loaded ahead.
+    pub prefetched: AtomicU64,
+    /// Segments loaded ahead and dropped unread.
+    pub wasted: AtomicU64,
+    /// Planned segments found not archived (one probe each, then the plan stops there).
+    pub absent: AtomicU64,
+    /// Time readers waited for segment loads, in microseconds.
+    pub stall_us: AtomicU64,
+    /// Full downloads attempted of names that were not archived (lookups catch absence
+    /// first, so this stays 0 unless a file vanishes between lookup and open).
+    pub fetch_absent: AtomicU64,
+}
+
+impl Stats {
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "segment_requests": g(&self.requests),
+            "readahead_hits": g(&self.hits),
+            "readahead_joined": g(&self.joined),
+            "readahead_misses": g(&self.misses),
+            "prefetched": g(&self.prefetched),
+            "prefetch_wasted": g(&self.wasted),
+            "prefetch_absent": g(&self.absent),
+            "stall_seconds": g(&self.stall_us) as f64 / 1e6,
+            "fetch_absent": g(&self.fetch_absent),
+        })
+    }
+}
+
+/// Read-ahead state: the planner, the timelines it follows, what it holds for the reader.
+struct Readahead {
+    max_bytes: u64,
+    permits: Arc<tokio::sync::Semaphore>,
+    planner: Mutex<Option<Planner>>,
+    timelines: Mutex<Timelines>,
+    /// When history files newer than a timeline were last probed for.
+    probed: Mutex<HashMap<u32, Instant>>,
+    /// Planned segments: None while loading, Some once landed and waiting for the reader.
+    planned: Mutex<HashMap<ArchiveName, Option<Arc<CachedFile>>>>,
+    /// One probe loop at a time, so overlapping plans learn of the archive's end from
+    /// each other instead of each probing past it.
+    prober: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Cache {
@@ -67,6 +140,9 @@ pub struct Cache {
     /// Plaintext sizes of names known to exist (from lookups, listings and writes).
     sizes: moka::sync::Cache<ArchiveName, u64>,
     serial: AtomicU64,
+    readahead: Readahead,
+    stats: Stats,
+    stats_path: PathBuf,
 }
 
 /// A directory name for an archive URL, so caches of different archives never mix.
@@ -111,6 +187,19 @@ impl Cache {
             files,
             sizes,
             serial: AtomicU64::new(0),
+            readahead: Readahead {
+                max_bytes: opts.prefetch_bytes,
+                permits: Arc::new(tokio::sync::Semaphore::new(
+                    opts.prefetch_concurrency.max(1),
+                )),
+                planner: Mutex::new(None),
+                timelines: Mutex::new(Timelines::default()),
+                probed: Mutex::new(HashMap::new()),
+                planned: Mutex::new(HashMap::new()),
+                prober: tokio::sync::Mutex::new(()),
+            },
+            stats: Stats::default(),
+            stats_path: base.join("stats.json"),
         })
     }
 
@@ -153,22 +242,252 @@ impl Cache {
         }))
     }
 
-    /// The verified plaintext of `name`: from the cache, or loaded once however many callers
-    /// ask at the same time.
-    pub async fn open(&self, name: &ArchiveName) -> Result<Arc<CachedFile>, Arc<LoadError>> {
+    /// The verified plaintext of `name`: loaded once however many callers ask at the same
+    /// time, then kept in the LRU. History files met on the way feed the read-ahead planner.
+    async fn load(&self, name: &ArchiveName) -> Result<Arc<CachedFile>, Arc<LoadError>> {
         let load = async {
             // A young archive without an identity yet is empty, not misconfigured: the mount
             // checks the archive is reachable when it starts.
             let data = match self.archive.fetch(name).await {
                 Ok(Some(d)) => d,
-                Ok(None) | Err(Error::NoArchive(_)) => return Err(LoadError::Absent),
+                Ok(None) | Err(Error::NoArchive(_)) => {
+                    self.stats.fetch_absent.fetch_add(1, Ordering::Relaxed);
+                    return Err(LoadError::Absent);
+                }
                 Err(e) => return Err(e.into()),
             };
+            if name.kind() == FileKind::History {
+                let history = parse_history(&String::from_utf8_lossy(&data));
+                lock(&self.readahead.timelines).insert(name.timeline(), history);
+            }
             let file = tokio::task::block_in_place(|| self.land(name, &data))?;
             self.sizes.insert(name.clone(), file.len());
             Ok::<_, LoadError>(file)
         };
         self.files.try_get_with(name.clone(), load).await
+    }
+
+    /// The verified plaintext of `name` for a reader. A segment is taken from what read-ahead
+    /// prepared when it can be, and starts read-ahead of the segments after it.
+    pub async fn open(
+        self: &Arc<Self>,
+        name: &ArchiveName,
+    ) -> Result<Arc<CachedFile>, Arc<LoadError>> {
+        if name.kind() != FileKind::Segment {
+            return self.load(name).await;
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let prepared = lock(&self.readahead.planned).remove(name);
+        let result = match prepared {
+            Some(Some(file)) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.files.insert(name.clone(), file.clone()).await;
+                Ok(file)
+            }
+            prepared => {
+                let counter = if prepared.is_some() {
+                    &self.stats.joined
+                } else {
+                    &self.stats.misses
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let t0 = Instant::now();
+                let r = self.load(name).await;
+                self.stats
+                    .stall_us
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                r
+            }
+        };
+        if result.is_ok() {
+            self.read_ahead_after(name).await;
+        }
+        result
+    }
+
+    /// Plans after a segment was opened and starts loading the plan in the background.
+    async fn read_ahead_after(self: &Arc<Self>, name: &ArchiveName) {
+        let ra = &self.readahead;
+        if ra.max_bytes == 0 {
+            return;
+        }
+        let Ok(Some(identity)) = self.archive.identity().await else {
+            return;
+        };
+        let Ok(size) = identity.segment_size() else {
+            return;
+        };
+        let Ok(Some(id)) = name.segment(size) else {
+            return;
+        };
+        let plan: Vec<SegmentId> = {
+            let mut planner = lock(&ra.planner);
+            let max_window = (ra.max_bytes / size.bytes()).min(256) as u32;
+            let planner = planner.get_or_insert_with(|| Planner::new(size, max_window));
+            let timelines = lock(&ra.timelines);
+            planner.on_request(id, &timelines)
+        };
+        let names: Vec<ArchiveName> = plan
+            .iter()
+            .filter_map(|s| ArchiveName::parse(&s.file_name(size)).ok())
+            .collect();
+        // Keep only what the new plan still wants; the rest will not be read.
+        let fresh: Vec<ArchiveName> = {
+            let mut planned = lock(&ra.planned);
+            let mut wasted = 0;
+            planned.retain(|n, f| {
+                let keep = names.contains(n);
+                if !keep && f.is_some() {
+                    wasted += 1;
+                }
+                keep
+            });
+            self.stats.wasted.fetch_add(wasted, Ordering::Relaxed);
+            names
+                .iter()
+                .filter(|n| !planned.contains_key(*n) && !self.files.contains_key(*n))
+                .cloned()
+                .collect()
+        };
+        let this = self.clone();
+        let timeline = id.timeline;
+        tokio::spawn(async move {
+            this.refresh_timelines(timeline).await;
+            this.load_plan(fresh, size).await;
+        });
+    }
+
+    /// Looks for history files of timelines after `t` (as PostgreSQL does), at most every
+    /// ten seconds per timeline.
+    async fn refresh_timelines(&self, t: u32) {
+        {
+            let mut probed = lock(&self.readahead.probed);
+            if probed
+                .get(&t)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+            {
+                return;
+            }
+            probed.insert(t, Instant::now());
+        }
+        let mut next = t.saturating_add(1);
+        loop {
+            let Ok(name) = ArchiveName::parse(&format!("{next:08X}.history")) else {
+                return;
+            };
+            if lock(&self.readahead.timelines).knows(next) {
+                next = next.saturating_add(1);
+                continue;
+            }
+            match self.size(&name).await {
+                Ok(Some(_)) => {
+                    if self.load(&name).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+            next = next.saturating_add(1);
+        }
+    }
+
+    /// Probes the planned segments in order and loads those that are archived, a few at a
+    /// time; the first one missing ends the plan (no storm of misses at the archive's end).
+    async fn load_plan(self: &Arc<Self>, names: Vec<ArchiveName>, size: SegmentSize) {
+        let ra = &self.readahead;
+        {
+            let mut planned = lock(&ra.planned);
+            for n in &names {
+                planned.entry(n.clone()).or_insert(None);
+            }
+        }
+        let _probing = ra.prober.lock().await;
+        for (i, name) in names.iter().enumerate() {
+            if !lock(&ra.planned).contains_key(name) {
+                continue; // served or dropped meanwhile
+            }
+            let known_missing = match (name.segment(size), lock(&ra.planner).as_ref()) {
+                (Ok(Some(id)), Some(p)) => p.past_end(id),
+                _ => false,
+            };
+            if known_missing {
+                lock(&ra.planned).retain(|n, f| f.is_some() || !names[i..].contains(n));
+                return;
+            }
+            match self.size(name).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    self.stats.absent.fetch_add(1, Ordering::Relaxed);
+                    if let (Ok(Some(id)), Some(p)) =
+                        (name.segment(size), lock(&ra.planner).as_mut())
+                    {
+                        p.missing(id);
+                    }
+                    let mut planned = lock(&ra.planned);
+                    for n in &names[i..] {
+                        if planned.get(n).is_some_and(Option::is_none) {
+                            planned.remove(n);
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%name, error = %e, "read-ahead probe failed");
+                    lock(&ra.planned).remove(name);
+                    return;
+                }
+            }
+            let Ok(permit) = ra.permits.clone().acquire_owned().await else {
+                return;
+            };
+            let this = self.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if !lock(&this.readahead.planned).contains_key(&name) {
+                    return;
+                }
+                match this.load(&name).await {
+                    Ok(file) => {
+                        this.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                        if let Some(slot) = lock(&this.readahead.planned).get_mut(&name) {
+                            *slot = Some(file);
+                        }
+                    }
+                    Err(e) => {
+                        // The reader will meet the same error on demand, and report it.
+                        tracing::debug!(%name, error = %e, "read-ahead load failed");
+                        lock(&this.readahead.planned).remove(&name);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Read-ahead counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Writes the counters to `stats.json` (atomically) for `walfs status`.
+    pub fn write_stats(&self) -> io::Result<()> {
+        let mut v = self.stats.to_json();
+        v["archive"] = self.archive.url().into();
+        v["pid"] = std::process::id().into();
+        v["cache_files"] = self.files.entry_count().into();
+        v["cache_bytes"] = self.files.weighted_size().into();
+        v["updated"] = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .into();
+        let tmp = self.stats_path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&v).unwrap_or_default())?;
+        std::fs::rename(&tmp, &self.stats_path)
+    }
+
+    /// Where `stats.json` of the archive at `url` lives under `cache_dir`.
+    pub fn stats_path_for(cache_dir: &Path, url: &str) -> PathBuf {
+        cache_dir.join(archive_dir_name(url)).join("stats.json")
     }
 
     /// The plaintext size of `name`, or None when it is not archived. One small ranged read
@@ -222,7 +541,7 @@ mod tests {
     use object_store::memory::InMemory;
     use object_store::path::Path as StorePath;
 
-    fn cache(dir: &Path, max_bytes: u64) -> Cache {
+    fn cache(dir: &Path, max_bytes: u64) -> Arc<Cache> {
         let archive = Archive::with_store(
             Arc::new(InMemory::new()),
             StorePath::default(),
@@ -230,14 +549,18 @@ mod tests {
             None,
             SealOptions::default(),
         );
-        Cache::new(
-            Arc::new(archive),
-            &CacheOptions {
-                dir: dir.to_path_buf(),
-                max_bytes,
-            },
+        Arc::new(
+            Cache::new(
+                Arc::new(archive),
+                &CacheOptions {
+                    dir: dir.to_path_buf(),
+                    max_bytes,
+                    prefetch_bytes: 0,
+                    prefetch_concurrency: 1,
+                },
+            )
+            .unwrap(),
         )
-        .unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod fs;
+pub mod readahead;
 pub mod store;
 pub mod wal;

@@ -509,3 +509,147 @@ fn mountpoints_that_cannot_work_are_refused_with_a_reason() {
     );
     drop(mount);
 }
+
+/// `walfs status --json` of the archive a mount serves.
+fn status_json(args: &[String], cache_dir: &Path) -> String {
+    let cache = format!("--cache-dir={}", cache_dir.display());
+    stdout_str(&sh_ok(&mut walfs(args, &[], &["status", "--json", &cache])))
+}
+
+fn counter(json: &str, key: &str) -> u64 {
+    let at = json
+        .find(&format!("\"{key}\""))
+        .unwrap_or_else(|| panic!("{key} not in {json}"));
+    json[at..]
+        .split(':')
+        .nth(1)
+        .and_then(|v| {
+            v.trim()
+                .trim_end_matches([',', '}'])
+                .trim()
+                .split([',', '\n'])
+                .next()
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{key} in {json}")) as u64
+}
+
+#[test]
+fn read_ahead_serves_a_sequential_restore_stops_at_the_end_and_never_serves_damage() {
+    let wal = real_wal(1, 12);
+    let scratch = scratch_dir("mount-readahead");
+    let key = keygen(&scratch.path().join("keys"));
+    let archive = scratch.path().join("archive");
+    let args = local_args(&archive, Some(&key));
+    let segs = &wal.segments[..12];
+    for name in segs {
+        sh_ok(&mut walfs(
+            &args,
+            &[],
+            &["push", wal.path(name).to_str().unwrap()],
+        ));
+    }
+    // Damage one segment in the middle: read-ahead will load it before the reader asks.
+    let victim = &segs[7];
+    let obj = archive.join("wal").join(victim);
+    let mut b = std::fs::read(&obj).unwrap();
+    let at = b.len() - 40;
+    b[at] ^= 0x10;
+    std::fs::write(&obj, b).unwrap();
+
+    let mut mount = WalfsMount::start(scratch.path(), &args, &[]);
+    let out = scratch.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    chown_postgres(&out);
+    // As restore_command does: one segment at a time, in order, then the next one, absent.
+    for name in segs {
+        let dest = out.join(name);
+        let ok = pg_cp(&mount.file(name), &dest);
+        if name == victim {
+            assert!(!ok, "a damaged segment was served");
+            assert_eq!(std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0), 0);
+        } else {
+            assert!(ok, "cp {name}");
+            assert!(
+                std::fs::read(&dest).unwrap() == std::fs::read(wal.path(name)).unwrap(),
+                "{name}"
+            );
+        }
+    }
+    let past_end = wal
+        .segments
+        .get(12)
+        .cloned()
+        .unwrap_or_else(|| "0000000100000000000000FF".into());
+    for _ in 0..3 {
+        assert!(
+            !pg_cp(&mount.file(&past_end), &out.join("past")),
+            "past the end exists?"
+        );
+    }
+    mount.stop();
+    let stats = status_json(&args, &scratch.path().join("cache"));
+    assert!(
+        counter(&stats, "prefetched") >= 6,
+        "read-ahead did not run: {stats}"
+    );
+    assert!(
+        counter(&stats, "readahead_hits") + counter(&stats, "readahead_joined") >= 6,
+        "{stats}"
+    );
+    assert_eq!(
+        counter(&stats, "fetch_absent"),
+        0,
+        "downloaded past the archive's end: {stats}"
+    );
+    assert!(
+        counter(&stats, "prefetch_absent") <= 1,
+        "a storm of misses at the end: {stats}"
+    );
+    assert!(mount.log().contains("damaged"), "{}", mount.log_tail(20));
+}
+
+#[test]
+fn read_ahead_off_and_random_access_fetch_only_what_is_read() {
+    let wal = real_wal(1, 12);
+    let scratch = scratch_dir("mount-random");
+    let archive = scratch.path().join("archive");
+    let args = local_args(&archive, None);
+    for name in &wal.segments[..12] {
+        sh_ok(&mut walfs(
+            &args,
+            &[],
+            &["push", wal.path(name).to_str().unwrap()],
+        ));
+    }
+    // Random order (as pg_rewind or an operator reads): nothing is loaded ahead.
+    let mut mount = WalfsMount::start(scratch.path(), &args, &[]);
+    for i in [9usize, 2, 6, 0, 11, 4] {
+        sh_ok(
+            Command::new("cat")
+                .arg(mount.file(&wal.segments[i]))
+                .stdout(std::process::Stdio::null()),
+        );
+    }
+    mount.stop();
+    let stats = status_json(&args, &scratch.path().join("cache"));
+    assert!(
+        counter(&stats, "prefetched") <= 1,
+        "random reads triggered read-ahead: {stats}"
+    );
+    // Off: a sequential reader gets no read-ahead at all.
+    let scratch2 = scratch_dir("mount-off");
+    let off = [("WALFS_PREFETCH_BYTES".to_string(), "0".to_string())];
+    let mut mount = WalfsMount::start(scratch2.path(), &args, &off);
+    for name in &wal.segments[..6] {
+        sh_ok(
+            Command::new("cat")
+                .arg(mount.file(name))
+                .stdout(std::process::Stdio::null()),
+        );
+    }
+    mount.stop();
+    let stats = status_json(&args, &scratch2.path().join("cache"));
+    assert_eq!(counter(&stats, "prefetched"), 0, "{stats}");
+    assert_eq!(counter(&stats, "readahead_misses"), 6, "{stats}");
+}

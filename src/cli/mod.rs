@@ -93,6 +93,12 @@ enum Command {
     /// Present the archive as a directory (archive_command = 'cp %p MOUNT/%f',
     /// restore_command = 'cp MOUNT/%f %p'); runs until SIGINT or SIGTERM
     Mount(MountArgs),
+    /// Read-ahead and cache counters of a running (or the last) mount of this archive
+    Status {
+        /// The raw JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// List archived files: name, size, stored size
     Ls {
         /// One JSON array instead of lines
@@ -123,6 +129,14 @@ pub struct MountArgs {
     /// Stay in the foreground (always: run it under systemd or with &)
     #[arg(long)]
     pub foreground: bool,
+    /// Bytes of segments loaded ahead of a sequential reader; 0 turns read-ahead off
+    #[arg(long, env = "WALFS_PREFETCH_BYTES", value_name = "SIZE", default_value = "256MiB",
+          value_parser = config::parse_size)]
+    pub prefetch_bytes: u64,
+    /// Segments loaded ahead at the same time
+    #[arg(long, env = "WALFS_PREFETCH_CONCURRENCY", value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub prefetch_concurrency: u16,
 }
 
 /// A failure with the exit code it maps to and the one line that explains it.
@@ -156,11 +170,12 @@ impl From<StoreError> for Failure {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, daemon: bool) {
     // fuser warns about every request it answers with ENOSYS (xattrs, say): not ours to report.
-    let default = match verbose {
-        0 => "warn,fuser=error",
-        1 => "info,fuser=error",
+    // A daemon (the mount) says what it does; one-shot commands only what goes wrong.
+    let default = match (verbose, daemon) {
+        (0, false) => "warn,fuser=error",
+        (0, true) | (1, _) => "info,fuser=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALFS_LOG")
@@ -176,7 +191,7 @@ fn init_logging(verbose: u8) {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.global.verbose);
+    init_logging(cli.global.verbose, matches!(cli.command, Command::Mount(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -218,6 +233,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
         Command::Ls { json } => ls(&settings, json).await,
         Command::Mount(args) => mount::run(&settings, &args).await,
+        Command::Status { json } => status(&settings, json),
     }
 }
 
@@ -340,6 +356,32 @@ async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<(), Failu
                 format!("writing {}: {e}", dest.display()),
             )
         })
+}
+
+fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
+    let path = crate::cache::Cache::stats_path_for(&settings.cache_dir, &settings.archive);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Failure::new(
+            exit::ABSENT_OR_REFUSED,
+            format!(
+                "no mount statistics for {} ({}: {e})",
+                settings.archive,
+                path.display()
+            ),
+        )
+    })?;
+    if json {
+        println!("{}", text.trim_end());
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("{}: {e}", path.display())))?;
+    if let Some(map) = v.as_object() {
+        for (k, val) in map {
+            println!("{k:<20} {val}");
+        }
+    }
+    Ok(())
 }
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {

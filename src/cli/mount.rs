@@ -148,6 +148,8 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         &CacheOptions {
             dir: settings.cache_dir.clone(),
             max_bytes: settings.cache_size,
+            prefetch_bytes: args.prefetch_bytes,
+            prefetch_concurrency: usize::from(args.prefetch_concurrency),
         },
     )
     .map_err(|e| {
@@ -156,7 +158,8 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
             settings.cache_dir.display()
         ))
     })?;
-    let fs = WalFs::new(Arc::new(cache), opts, tokio::runtime::Handle::current());
+    let cache = Arc::new(cache);
+    let fs = WalFs::new(cache.clone(), opts, tokio::runtime::Handle::current());
     let session = fs::spawn(fs, &mountpoint).map_err(|e| {
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
@@ -171,6 +174,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("signal handler: {e}")))?;
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u32;
     let reason = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break "SIGINT",
@@ -179,10 +183,18 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
                 if session.guard.is_finished() {
                     break "unmounted from outside";
                 }
+                ticks += 1;
+                if ticks % 8 == 0 {
+                    if let Err(e) = cache.write_stats() {
+                        tracing::debug!(error = %e, "writing stats.json failed");
+                    }
+                }
             }
         }
     };
     tracing::warn!(mountpoint = %mountpoint.display(), reason, "unmounting");
+    let _ = cache.write_stats();
+    tracing::info!(stats = %cache.stats().to_json(), "read-ahead");
     let mp = mountpoint.clone();
     let result = tokio::task::spawn_blocking(move || session.umount_and_join())
         .await
