@@ -42,6 +42,11 @@ impl CachedFile {
         self.len == 0
     }
 
+    /// The descriptor, for kernel passthrough of reads.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// Up to `size` bytes from `offset` (fewer at the end of the file).
     pub fn read_at(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         let end = self.len.min(offset.saturating_add(u64::from(size)));

@@ -70,6 +70,9 @@ struct Node {
     /// A writer went through the kernel's page cache for this inode: its pages may hold
     /// bytes the archive refused, so the next read-open must make the kernel drop them.
     stale_pages: bool,
+    /// The kernel passthrough backing shared by this inode's readers (the kernel takes one
+    /// backing file per inode at a time).
+    backing: Option<Arc<fuser::BackingId>>,
 }
 
 /// A directory listing in progress: the backend's stream and where the kernel is in it.
@@ -86,6 +89,8 @@ enum Open {
     Read {
         ino: u64,
         file: Arc<CachedFile>,
+        /// Set when the kernel reads the cached file directly.
+        _backing: Option<Arc<fuser::BackingId>>,
     },
     Write {
         name: ArchiveName,
@@ -122,6 +127,7 @@ impl State {
                 writer: None,
                 readers: 0,
                 stale_pages: false,
+                backing: None,
             },
         );
         self.by_name.insert(name.clone(), ino);
@@ -149,6 +155,9 @@ struct Inner {
     opts: MountOptions,
     state: Mutex<State>,
     started: SystemTime,
+    /// Whether reads of cached files are handed to the kernel (FUSE passthrough, Linux 6.9+,
+    /// root); turned off for good at the first refusal.
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -229,6 +238,7 @@ impl WalFs {
                 opts,
                 state: Mutex::new(State::default()),
                 started: SystemTime::now(),
+                passthrough: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -297,6 +307,14 @@ impl Filesystem for WalFs {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // Reads of verified cached files can bypass this process entirely. The cache sits on
+        // a plain or stacked (overlay) file system.
+        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok();
+        self.inner
+            .passthrough
+            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(passthrough, "kernel read passthrough");
         Ok(())
     }
 
@@ -550,15 +568,38 @@ impl Filesystem for WalFs {
             match inner.cache.open(&name).await {
                 Ok(file) => {
                     let mut st = inner.state();
-                    let keep = match st.nodes.get_mut(&ino.0) {
-                        Some(n) if n.writer.is_none() => {
-                            n.readers += 1;
-                            !std::mem::take(&mut n.stale_pages)
-                        }
-                        _ => return reply.error(Errno::EBUSY),
+                    let Some(n) = st.nodes.get_mut(&ino.0).filter(|n| n.writer.is_none()) else {
+                        return reply.error(Errno::EBUSY);
                     };
-                    let fh = st.add_handle(Open::Read { ino: ino.0, file });
+                    n.readers += 1;
+                    let keep = !std::mem::take(&mut n.stale_pages);
+                    let backing = match &n.backing {
+                        Some(b) => Some(b.clone()),
+                        None if inner.passthrough.load(std::sync::atomic::Ordering::Relaxed) => {
+                            match reply.open_backing(file.fd()) {
+                                Ok(b) => {
+                                    let b = Arc::new(b);
+                                    n.backing = Some(b.clone());
+                                    Some(b)
+                                }
+                                Err(e) => {
+                                    tracing::info!(error = %e, "kernel read passthrough refused; reads go through walfs");
+                                    inner.passthrough.store(false, std::sync::atomic::Ordering::Relaxed);
+                                    None
+                                }
+                            }
+                        }
+                        None => None,
+                    };
+                    let fh = st.add_handle(Open::Read {
+                        ino: ino.0,
+                        file,
+                        _backing: backing.clone(),
+                    });
                     drop(st);
+                    if let Some(b) = backing {
+                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
+                    }
                     // Without KEEP_CACHE the kernel drops the inode's cached pages on open.
                     let flags = if keep {
                         FopenFlags::FOPEN_KEEP_CACHE
@@ -683,6 +724,9 @@ impl Filesystem for WalFs {
             if let Open::Read { ino, .. } = open.as_ref() {
                 if let Some(n) = st.nodes.get_mut(ino) {
                     n.readers = n.readers.saturating_sub(1);
+                    if n.readers == 0 {
+                        n.backing = None;
+                    }
                 }
             }
             if let Open::Write { name, writer } = open.as_ref() {
