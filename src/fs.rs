@@ -41,6 +41,8 @@ pub struct MountOptions {
     pub read_only: bool,
     pub allow_delete: bool,
     pub allow_other: bool,
+    /// Try FUSE passthrough for reads of cached files.
+    pub passthrough: bool,
 }
 
 /// A file being written through the mount.
@@ -309,7 +311,8 @@ impl Filesystem for WalFs {
         let _ = config.set_max_readahead(1 << 20);
         // Reads of verified cached files can bypass this process entirely. The cache sits on
         // a plain or stacked (overlay) file system.
-        let passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        let passthrough = self.inner.opts.passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(2).is_ok();
         self.inner
             .passthrough

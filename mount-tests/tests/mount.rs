@@ -168,6 +168,9 @@ fn shell_tools_see_a_directory_with_the_right_errors() {
     std::fs::create_dir_all(&out).unwrap();
     chown_postgres(&out);
     let mut mount = WalfsMount::start(scratch.path(), &args, &[]);
+    wait_for("the mount's FUSE init", Duration::from_secs(10), || {
+        mount.log().contains("passthrough=true")
+    });
     let segs = &wal.segments;
 
     // Archive three segments and the backup label with plain cp, as PostgreSQL would.
@@ -557,7 +560,12 @@ fn read_ahead_serves_a_sequential_restore_stops_at_the_end_and_never_serves_dama
     b[at] ^= 0x10;
     std::fs::write(&obj, b).unwrap();
 
-    let mut mount = WalfsMount::start(scratch.path(), &args, &[]);
+    // Reads served by walfs itself, as without kernel passthrough (other tests use it).
+    let served = [("WALFS_PASSTHROUGH".to_string(), "false".to_string())];
+    let mut mount = WalfsMount::start(scratch.path(), &args, &served);
+    wait_for("the mount's FUSE init", Duration::from_secs(10), || {
+        mount.log().contains("passthrough=false")
+    });
     let out = scratch.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     chown_postgres(&out);

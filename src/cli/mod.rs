@@ -133,6 +133,10 @@ pub struct MountArgs {
     #[arg(long, env = "WALFS_PREFETCH_BYTES", value_name = "SIZE", default_value = "256MiB",
           value_parser = config::parse_size)]
     pub prefetch_bytes: u64,
+    /// Hand reads of verified cached files to the kernel (FUSE passthrough, Linux 6.9+, root)
+    #[arg(long, env = "WALFS_PASSTHROUGH", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub passthrough: bool,
     /// Segments loaded ahead at the same time
     #[arg(long, env = "WALFS_PREFETCH_CONCURRENCY", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]

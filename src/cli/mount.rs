@@ -138,6 +138,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         read_only: args.read_only,
         allow_delete: args.allow_delete,
         allow_other: args.allow_other,
+        passthrough: args.passthrough,
     };
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     check_fuse()?;
