@@ -490,6 +490,11 @@ impl Cache {
         std::fs::rename(&tmp, &self.stats_path)
     }
 
+    /// The directory of the archive at `url` under `cache_dir` (plain/, writes/, spool/).
+    pub fn archive_dir(cache_dir: &Path, url: &str) -> PathBuf {
+        cache_dir.join(archive_dir_name(url))
+    }
+
     /// Where `stats.json` of the archive at `url` lives under `cache_dir`.
     pub fn stats_path_for(cache_dir: &Path, url: &str) -> PathBuf {
         cache_dir.join(archive_dir_name(url)).join("stats.json")

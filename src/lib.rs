@@ -9,5 +9,6 @@ pub mod config;
 pub mod envelope;
 pub mod fs;
 pub mod readahead;
+pub mod receive;
 pub mod store;
 pub mod wal;

@@ -420,6 +420,39 @@ impl Archive {
         }
     }
 
+    /// Stores a snapshot of a segment still being received under its `.partial` name,
+    /// replacing an older snapshot (the one kind of object that changes: it only grows).
+    pub async fn put_partial(&self, name: &ArchiveName, data: Bytes) -> Result<(), Error> {
+        if name.kind() != FileKind::Partial {
+            return Err(Error::Refused {
+                name: name.to_string(),
+                why: "only .partial files are replaced".into(),
+            });
+        }
+        self.check_wal_content(name, &data).await?;
+        let key = self.key.clone();
+        let opts = self.seal;
+        let (n, d) = (name.as_str().to_string(), data);
+        let sealed =
+            tokio::task::spawn_blocking(move || envelope::seal(&n, &d, key.as_ref(), opts))
+                .await
+                .map_err(|e| Error::Config(format!("sealing task failed: {e}")))?;
+        let path = self.object_path(name);
+        self.store
+            .put_opts(&path, PutPayload::from(sealed), PutMode::Overwrite.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_error(format!("uploading {name} to {}", self.url), e))
+    }
+
+    /// Deletes a `.partial` snapshot made obsolete by its complete segment.
+    pub async fn delete_partial(&self, name: &ArchiveName) -> Result<bool, Error> {
+        if name.kind() != FileKind::Partial {
+            return Ok(false);
+        }
+        self.delete(name).await
+    }
+
     /// Checks the backend answers (one listing page): a missing bucket or container, bad
     /// credentials or an unreachable endpoint fail here rather than on first use.
     pub async fn probe(&self) -> Result<(), Error> {

@@ -93,6 +93,9 @@ enum Command {
     /// Present the archive as a directory (archive_command = 'cp %p MOUNT/%f',
     /// restore_command = 'cp MOUNT/%f %p'); runs until SIGINT or SIGTERM
     Mount(MountArgs),
+    /// Stream WAL from a server over replication (pg_receivewal semantics) into the spool and
+    /// the archive; runs until SIGINT or SIGTERM
+    Receive(ReceiveArgs),
     /// Read-ahead and cache counters of a running (or the last) mount of this archive
     Status {
         /// The raw JSON
@@ -141,6 +144,33 @@ pub struct MountArgs {
     #[arg(long, env = "WALFS_PREFETCH_CONCURRENCY", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub prefetch_concurrency: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Connection string or URI (libpq style); PG* variables and ~/.pgpass fill the rest
+    #[arg(short = 'd', long, value_name = "CONNSTR")]
+    pub dbname: Option<String>,
+    /// Replication slot to stream from (keeps the server's WAL until walfs has it)
+    #[arg(short = 'S', long, value_name = "NAME")]
+    pub slot: Option<String>,
+    /// Create the slot if it does not exist
+    #[arg(long)]
+    pub create_slot: bool,
+    /// Report the flush position right after each fsync, so the server can use walfs in
+    /// synchronous_standby_names
+    #[arg(long)]
+    pub synchronous: bool,
+    /// Seconds between status updates to the server
+    #[arg(short = 's', long, value_name = "DURATION", default_value = "10s",
+          value_parser = config::parse_duration)]
+    pub status_interval: std::time::Duration,
+    /// How often the segment being received is uploaded as .partial ("0s": never)
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = config::parse_duration)]
+    pub partial_upload_interval: std::time::Duration,
+    /// application_name reported to the server (what synchronous_standby_names names)
+    #[arg(long, default_value = "walfs")]
+    pub application_name: String,
 }
 
 /// A failure with the exit code it maps to and the one line that explains it.
@@ -195,7 +225,8 @@ fn init_logging(verbose: u8, daemon: bool) {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.global.verbose, matches!(cli.command, Command::Mount(_)));
+    let daemon = matches!(cli.command, Command::Mount(_) | Command::Receive(_));
+    init_logging(cli.global.verbose, daemon);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -238,6 +269,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ls { json } => ls(&settings, json).await,
         Command::Mount(args) => mount::run(&settings, &args).await,
         Command::Status { json } => status(&settings, json),
+        Command::Receive(args) => receive(&settings, &args).await,
     }
 }
 
@@ -360,6 +392,47 @@ async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<(), Failu
                 format!("writing {}: {e}", dest.display()),
             )
         })
+}
+
+async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure> {
+    use crate::receive::{conn::ConnParams, ReceiveOptions, Receiver};
+    let conn = ConnParams::resolve(args.dbname.as_deref(), &args.application_name)
+        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let archive = std::sync::Arc::new(open_archive(settings, true)?);
+    archive.probe().await?;
+    let spool_dir =
+        crate::cache::Cache::archive_dir(&settings.cache_dir, &settings.archive).join("spool");
+    let opts = ReceiveOptions {
+        conn,
+        slot: args.slot.clone(),
+        create_slot: args.create_slot,
+        synchronous: args.synchronous,
+        status_interval: args
+            .status_interval
+            .max(std::time::Duration::from_millis(100)),
+        partial_upload_interval: Some(args.partial_upload_interval).filter(|d| !d.is_zero()),
+        spool_dir,
+    };
+    let receiver =
+        Receiver::new(archive, opts).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: flushing and uploading what is spooled");
+        let _ = tx.send(true);
+    });
+    receiver
+        .run(rx)
+        .await
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))
 }
 
 fn status(settings: &Settings, json: bool) -> Result<(), Failure> {

@@ -1,0 +1,562 @@
+//! A physical replication connection: libpq-style parameters, startup with
+//! `replication=true`, password/md5/SCRAM-SHA-256 authentication, simple queries, and the
+//! CopyBoth stream of START_REPLICATION (XLogData, keepalives, standby status updates).
+//!
+//! Built on `postgres-protocol` (the protocol crate of the tokio-postgres family) over tokio;
+//! tokio-postgres itself has no CopyBoth support. Reference: PostgreSQL's
+//! src/bin/pg_basebackup/receivelog.c and the streaming replication protocol docs.
+
+use crate::wal::Lsn;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::{backend, frontend};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection parameters: {0}")]
+    Params(String),
+    #[error("connecting to {target}: {source}")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Server(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("connection lost: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    /// Errors a retry cannot fix (bad settings, refused credentials).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ConnError::Params(_) | ConnError::Auth(_))
+    }
+}
+
+/// Where and as whom to connect, resolved the way libpq tools do.
+#[derive(Clone, Debug)]
+pub struct ConnParams {
+    pub host: Host,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub application_name: String,
+}
+
+#[derive(Clone, Debug)]
+pub enum Host {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// A password from ~/.pgpass (or $PGPASSFILE): `host:port:database:user:password`.
+fn pgpass(host: &str, port: u16, user: &str) -> Option<String> {
+    let path = env("PGPASSFILE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let port = port.to_string();
+    text.lines().find_map(|line| {
+        if line.starts_with('#') {
+            return None;
+        }
+        // Fields are separated by unescaped colons.
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        let [h, p, db, u, pw] = <[String; 5]>::try_from(fields).ok()?;
+        let ok = |pat: &str, v: &str| pat == "*" || pat == v;
+        (ok(&h, host) && ok(&p, &port) && ok(&db, "replication") && ok(&u, user)).then_some(pw)
+    })
+}
+
+impl ConnParams {
+    /// From a conninfo string or URI (`--dbname`), then `PG*` variables, then defaults
+    /// (unix socket in /var/run/postgresql, port 5432, the OS user).
+    pub fn resolve(
+        conninfo: Option<&str>,
+        application_name: &str,
+    ) -> Result<ConnParams, ConnError> {
+        let cfg = match conninfo {
+            Some(s) if !s.trim().is_empty() => tokio_postgres::Config::from_str(s)
+                .map_err(|e| ConnError::Params(format!("{s:?}: {e}")))?,
+            _ => tokio_postgres::Config::new(),
+        };
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => host_from(h),
+            Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
+            None => host_from(&env("PGHOST").unwrap_or_else(|| "/var/run/postgresql".into())),
+        };
+        let port = match cfg.get_ports().first() {
+            Some(p) => *p,
+            None => match env("PGPORT") {
+                Some(p) => p
+                    .parse()
+                    .map_err(|_| ConnError::Params(format!("PGPORT={p:?}")))?,
+                None => 5432,
+            },
+        };
+        let user = cfg
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| env("PGUSER"))
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "postgres".into());
+        let host_key = match &host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(_) => "localhost".into(),
+        };
+        let password = cfg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .or_else(|| env("PGPASSWORD"))
+            .or_else(|| pgpass(&host_key, port, &user));
+        Ok(ConnParams {
+            host,
+            port,
+            user,
+            password,
+            application_name: cfg
+                .get_application_name()
+                .map(str::to_string)
+                .or_else(|| env("PGAPPNAME"))
+                .unwrap_or_else(|| application_name.to_string()),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) => format!("{h}:{} as {}", self.port, self.user),
+            Host::Unix(d) => format!("{}/.s.PGSQL.{} as {}", d.display(), self.port, self.user),
+        }
+    }
+}
+
+fn host_from(h: &str) -> Host {
+    if h.starts_with('/') {
+        Host::Unix(PathBuf::from(h))
+    } else {
+        Host::Tcp(h.to_string())
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What the CopyBoth stream delivers.
+#[derive(Debug)]
+pub enum ReplMessage {
+    XLogData {
+        start: Lsn,
+        data: Bytes,
+    },
+    Keepalive {
+        end: Lsn,
+        reply_requested: bool,
+    },
+    /// The server ended the stream (end of timeline, or shutdown).
+    CopyDone,
+}
+
+/// The text rows of a query result.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+pub struct ReplicationConn {
+    stream: Box<dyn Stream>,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+/// Microseconds since 2000-01-01, PostgreSQL's timestamp epoch.
+fn pg_now() -> i64 {
+    const PG_EPOCH_OFFSET: u64 = 946_684_800;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_micros() as i64) - (PG_EPOCH_OFFSET as i64) * 1_000_000
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> ConnError {
+    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'S' => severity = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    ConnError::Server(format!("{severity} {code}: {message}"))
+}
+
+impl ReplicationConn {
+    /// Connects, starts a physical replication session and authenticates.
+    pub async fn connect(p: &ConnParams, timeout: Duration) -> Result<ReplicationConn, ConnError> {
+        let target = p.describe();
+        let connect = async {
+            let s: Box<dyn Stream> = match &p.host {
+                Host::Tcp(h) => {
+                    let s = tokio::net::TcpStream::connect((h.as_str(), p.port)).await?;
+                    s.set_nodelay(true)?;
+                    Box::new(s)
+                }
+                Host::Unix(dir) => {
+                    let path = dir.join(format!(".s.PGSQL.{}", p.port));
+                    Box::new(tokio::net::UnixStream::connect(path).await?)
+                }
+            };
+            Ok::<_, std::io::Error>(s)
+        };
+        let stream = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| ConnError::Connect {
+                target: target.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            })?
+            .map_err(|source| ConnError::Connect {
+                target: target.clone(),
+                source,
+            })?;
+        let mut conn = ReplicationConn {
+            stream,
+            buf: BytesMut::with_capacity(1 << 20),
+            out: BytesMut::new(),
+        };
+        let params = [
+            ("user", p.user.as_str()),
+            ("replication", "true"),
+            ("application_name", p.application_name.as_str()),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut conn.out)
+            .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        conn.send().await?;
+        conn.authenticate(p).await?;
+        Ok(conn)
+    }
+
+    async fn send(&mut self) -> Result<(), ConnError> {
+        let out = self.out.split();
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// The next backend message: (tag, body) for CopyBothResponse, which postgres-protocol
+    /// does not know, else the parsed message.
+    async fn recv(&mut self) -> Result<Msg, ConnError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let tag = self.buf[0];
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len < 4 {
+                    return Err(ConnError::Protocol(format!("message length {len}")));
+                }
+                if self.buf.len() > len {
+                    if tag == b'W' {
+                        self.buf.advance(len + 1);
+                        return Ok(Msg::CopyBoth);
+                    }
+                    return match backend::Message::parse(&mut self.buf)? {
+                        Some(m) => Ok(Msg::Backend(m)),
+                        None => Err(ConnError::Protocol("incomplete message".into())),
+                    };
+                }
+                self.buf.reserve(len + 1 - self.buf.len());
+            }
+            let n = self.stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ConnError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, p: &ConnParams) -> Result<(), ConnError> {
+        let password = || {
+            p.password.clone().ok_or_else(|| {
+                ConnError::Auth(format!(
+                    "the server asks {} for a password: set one in the connection string, PGPASSWORD or ~/.pgpass",
+                    p.user
+                ))
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = match self.recv().await? {
+                Msg::Backend(m) => m,
+                Msg::CopyBoth => return Err(ConnError::Protocol("CopyBoth during startup".into())),
+            };
+            match msg {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), &mut self.out)?;
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        p.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.out)?;
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Ok(Some(m)) = mechanisms.next() {
+                        has_scram |= m == SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ConnError::Auth(
+                            "the server offers no SASL mechanism walfs knows".into(),
+                        ));
+                    }
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.out)?;
+                    self.send().await?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("SASL out of order".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| ConnError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut self.out)?;
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("SASL out of order".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| ConnError::Auth(e.to_string()))?;
+                }
+                backend::Message::ErrorResponse(body) => {
+                    let e = server_error(&body);
+                    let text = e.to_string();
+                    // 28P01 bad password, 28000 no pg_hba entry / no replication privilege.
+                    return Err(if text.contains(" 28") {
+                        ConnError::Auth(text)
+                    } else {
+                        e
+                    });
+                }
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ParameterStatus(_)
+                | backend::Message::BackendKeyData(_)
+                | backend::Message::NoticeResponse(_) => {}
+                _ => return Err(ConnError::Auth("unsupported authentication method".into())),
+            }
+        }
+    }
+
+    /// Runs a replication command with the simple query protocol; returns the rows of the
+    /// last result set.
+    pub async fn query(&mut self, sql: &str) -> Result<Rows, ConnError> {
+        frontend::query(sql, &mut self.out)?;
+        self.send().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Msg::Backend(backend::Message::RowDescription(_)) => rows.clear(),
+                Msg::Backend(backend::Message::DataRow(row)) => rows.push(data_row(&row)?),
+                Msg::Backend(backend::Message::ErrorResponse(body)) => {
+                    error = Some(server_error(&body))
+                }
+                Msg::Backend(backend::Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                Msg::CopyBoth => {
+                    return Err(ConnError::Protocol(format!("{sql}: unexpected CopyBoth")))
+                }
+                Msg::Backend(_) => {}
+            }
+        }
+    }
+
+    /// Sends START_REPLICATION (or any command answered with CopyBoth) and waits for the
+    /// stream to begin.
+    pub async fn start_copy(&mut self, sql: &str) -> Result<(), ConnError> {
+        frontend::query(sql, &mut self.out)?;
+        self.send().await?;
+        loop {
+            match self.recv().await? {
+                Msg::CopyBoth => return Ok(()),
+                Msg::Backend(backend::Message::ErrorResponse(body)) => {
+                    let e = server_error(&body);
+                    // Drain to ReadyForQuery so the connection stays usable.
+                    while !matches!(
+                        self.recv().await?,
+                        Msg::Backend(backend::Message::ReadyForQuery(_))
+                    ) {}
+                    return Err(e);
+                }
+                Msg::Backend(backend::Message::NoticeResponse(_)) => {}
+                Msg::Backend(m) => {
+                    return Err(ConnError::Protocol(format!(
+                        "{sql}: unexpected reply {}",
+                        kind(&m)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Whether a whole message is already buffered (more WAL is waiting to be processed).
+    pub fn has_buffered(&self) -> bool {
+        self.buf.len() >= 5 && {
+            let len =
+                u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            self.buf.len() > len
+        }
+    }
+
+    /// The next message of the replication stream, or None when `wait` passed without one.
+    pub async fn next(&mut self, wait: Duration) -> Result<Option<ReplMessage>, ConnError> {
+        let msg = match tokio::time::timeout(wait, self.recv()).await {
+            Err(_) => return Ok(None),
+            Ok(m) => m?,
+        };
+        match msg {
+            Msg::Backend(backend::Message::CopyData(body)) => {
+                let mut d = Bytes::copy_from_slice(body.data());
+                if d.is_empty() {
+                    return Err(ConnError::Protocol("empty CopyData".into()));
+                }
+                match d.get_u8() {
+                    b'w' if d.len() >= 24 => {
+                        let start = Lsn(d.get_u64());
+                        let _end = d.get_u64();
+                        let _time = d.get_i64();
+                        Ok(Some(ReplMessage::XLogData { start, data: d }))
+                    }
+                    b'k' if d.len() >= 17 => {
+                        let end = Lsn(d.get_u64());
+                        let _time = d.get_i64();
+                        Ok(Some(ReplMessage::Keepalive {
+                            end,
+                            reply_requested: d.get_u8() != 0,
+                        }))
+                    }
+                    t => Err(ConnError::Protocol(format!(
+                        "unknown CopyData kind {:?}",
+                        t as char
+                    ))),
+                }
+            }
+            Msg::Backend(backend::Message::CopyDone) => Ok(Some(ReplMessage::CopyDone)),
+            Msg::Backend(backend::Message::ErrorResponse(body)) => Err(server_error(&body)),
+            Msg::Backend(backend::Message::NoticeResponse(_)) => Ok(None),
+            Msg::Backend(m) => Err(ConnError::Protocol(format!(
+                "unexpected {} in the stream",
+                kind(&m)
+            ))),
+            Msg::CopyBoth => Err(ConnError::Protocol("CopyBoth inside the stream".into())),
+        }
+    }
+
+    /// A standby status update: what is written, what is flushed (fsynced), what is applied.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        reply: bool,
+    ) -> Result<(), ConnError> {
+        let mut body = BytesMut::with_capacity(34);
+        body.put_u8(b'r');
+        body.put_u64(write.0);
+        body.put_u64(flush.0);
+        body.put_u64(0); // apply: a receiver applies nothing (pg_receivewal sends invalid)
+        body.put_i64(pg_now());
+        body.put_u8(u8::from(reply));
+        frontend::CopyData::new(&body[..])?.write(&mut self.out);
+        self.send().await
+    }
+
+    /// After the server's CopyDone: answers with CopyDone and reads what follows. At the end
+    /// of a timeline the server names the next one and where it starts.
+    pub async fn end_copy(&mut self) -> Result<Option<(u32, Lsn)>, ConnError> {
+        frontend::copy_done(&mut self.out);
+        self.send().await?;
+        let mut next = None;
+        loop {
+            match self.recv().await? {
+                Msg::Backend(backend::Message::DataRow(row)) => {
+                    let r = data_row(&row)?;
+                    let tli = r.first().cloned().flatten().and_then(|t| t.parse().ok());
+                    let lsn = r.get(1).cloned().flatten().and_then(|l| l.parse().ok());
+                    if let (Some(t), Some(l)) = (tli, lsn) {
+                        next = Some((t, l));
+                    }
+                }
+                Msg::Backend(backend::Message::ReadyForQuery(_)) => return Ok(next),
+                Msg::Backend(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body))
+                }
+                Msg::Backend(backend::Message::CopyData(_)) => {} // late data after CopyDone
+                _ => {}
+            }
+        }
+    }
+}
+
+enum Msg {
+    Backend(backend::Message),
+    CopyBoth,
+}
+
+fn kind(m: &backend::Message) -> &'static str {
+    match m {
+        backend::Message::RowDescription(_) => "RowDescription",
+        backend::Message::DataRow(_) => "DataRow",
+        backend::Message::CommandComplete(_) => "CommandComplete",
+        backend::Message::ReadyForQuery(_) => "ReadyForQuery",
+        backend::Message::CopyOutResponse(_) => "CopyOutResponse",
+        backend::Message::CopyInResponse(_) => "CopyInResponse",
+        _ => "message",
+    }
+}
+
+fn data_row(row: &backend::DataRowBody) -> Result<Vec<Option<String>>, ConnError> {
+    let buf = row.buffer();
+    let mut ranges = row.ranges();
+    let mut out = Vec::new();
+    loop {
+        match ranges.next()? {
+            None => return Ok(out),
+            Some(None) => out.push(None),
+            Some(Some(r)) => out.push(Some(String::from_utf8_lossy(&buf[r]).into_owned())),
+        }
+    }
+}
