@@ -1,0 +1,420 @@
+//! `walfs receive` against real PostgreSQL: byte-identical segments, kill -9 in a loop,
+//! server restarts, synchronous replication with zero data loss, timeline switches.
+//! Ground truth is the server's own archive (`archive_command = 'cp %p DIR/%f'`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use walfs_mount_tests::*;
+
+/// A `walfs receive` process; output appended to one log across restarts.
+struct Receiver {
+    child: Option<Child>,
+    log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Receiver {
+    fn new(dir: &Path, archive: &Path, conninfo: &str, extra: &[&str]) -> Receiver {
+        let mut args = vec![
+            "--archive".to_string(),
+            format!("file://{}", archive.display()),
+            "--cache-dir".to_string(),
+            dir.join("cache").display().to_string(),
+            "receive".to_string(),
+            "-d".to_string(),
+            conninfo.to_string(),
+            "--slot".to_string(),
+            "walfs".to_string(),
+            "--create-slot".to_string(),
+            "-s".to_string(),
+            "1s".to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Receiver {
+            child: None,
+            log: dir.join("receive.log"),
+            args,
+        }
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(walfs_bin())
+            .env("WALFS_CONFIG", "/dev/null")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn walfs receive");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let done = poll_until(Duration::from_secs(30), || {
+            c.try_wait().ok().flatten().is_some()
+        });
+        if !done {
+            let _ = c.kill();
+            panic!("walfs receive ignored SIGTERM:\n{}", self.log_tail());
+        }
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "walfs receive exited {status}:\n{}",
+            self.log_tail()
+        );
+    }
+
+    fn log_tail(&self) -> String {
+        file_tail(&self.log, 30)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn walfs_cmd(archive: &Path, more: &[&str]) -> Command {
+    let mut c = Command::new(walfs_bin());
+    c.env("WALFS_CONFIG", "/dev/null")
+        .arg("--archive")
+        .arg(format!("file://{}", archive.display()))
+        .args(more);
+    c
+}
+
+fn archived(archive: &Path) -> Vec<String> {
+    if !archive.join("walfs.json").exists() {
+        return Vec::new();
+    }
+    stdout_str(&sh_ok(&mut walfs_cmd(archive, &["ls"])))
+        .lines()
+        .filter_map(|l| l.split('\t').next().map(str::to_string))
+        .collect()
+}
+
+fn wait_archived(archive: &Path, name: &str, r: &Receiver) {
+    let ok = poll_until(Duration::from_secs(90), || {
+        archived(archive).iter().any(|n| n == name)
+    });
+    assert!(ok, "{name} never reached the archive:\n{}", r.log_tail());
+}
+
+/// Every segment the server archived from the first one walfs has up to `last` is in the
+/// walfs archive, byte for byte; returns how many were compared.
+fn assert_identical(archive: &Path, server_archive: &Path, last: &str, scratch: &Path) -> usize {
+    let ours = archived(archive);
+    let first = ours
+        .iter()
+        .find(|n| is_wal_segment_name(n))
+        .cloned()
+        .expect("walfs archived no segment");
+    let mut theirs: Vec<String> = std::fs::read_dir(server_archive)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| is_wal_segment_name(n) && n.as_str() >= first.as_str() && n.as_str() <= last)
+        .collect();
+    theirs.sort();
+    assert!(!theirs.is_empty());
+    let dest = scratch.join("fetched");
+    for name in &theirs {
+        assert!(
+            ours.contains(name),
+            "gap: {name} is missing (walfs has {ours:?})"
+        );
+        sh_ok(&mut walfs_cmd(
+            archive,
+            &["fetch", name, dest.to_str().unwrap()],
+        ));
+        assert!(
+            std::fs::read(&dest).unwrap() == std::fs::read(server_archive.join(name)).unwrap(),
+            "{name} differs from the server's"
+        );
+    }
+    theirs.len()
+}
+
+fn primary(scratch: &Path, extra_conf: &str) -> (Postgres, PathBuf) {
+    let server_archive = scratch.join("server-archive");
+    std::fs::create_dir_all(&server_archive).unwrap();
+    chown_postgres(&server_archive);
+    let mut pg = Postgres::init(
+        &scratch.join("primary"),
+        InitOptions {
+            wal_segsize_mb: 1,
+            ..Default::default()
+        },
+    );
+    pg.set_conf(&format!(
+        "archive_mode = on\narchive_command = 'cp %p {}/%f'\n{extra_conf}",
+        server_archive.display()
+    ));
+    pg.start();
+    (pg, server_archive)
+}
+
+#[test]
+fn received_segments_equal_the_servers_and_a_restart_leaves_no_gap() {
+    let scratch = scratch_dir("recv-basic");
+    let (pg, server_archive) = primary(scratch.path(), "");
+    let archive = scratch.path().join("archive");
+    let mut r = Receiver::new(scratch.path(), &archive, &pg.conninfo(), &[]);
+    r.start();
+    pg.pgbench(&["-i", "-s", "2"]);
+    let last = pg.switch_wal();
+    wait_archived(&archive, &last, &r);
+    r.stop();
+    // While walfs is down, the slot keeps the server's WAL; a restart resumes without a gap.
+    pg.pgbench(&["-t", "300", "-c", "2"]);
+    let last = pg.switch_wal();
+    r.start();
+    wait_archived(&archive, &last, &r);
+    r.stop();
+    pg.wait_archived_upto(&last);
+    let n = assert_identical(&archive, &server_archive, &last, scratch.path());
+    assert!(n >= 5, "only {n} segments compared");
+}
+
+#[test]
+fn kill_dash_nine_in_a_loop_loses_nothing() {
+    let scratch = scratch_dir("recv-kill");
+    let (pg, server_archive) = primary(scratch.path(), "");
+    let archive = scratch.path().join("archive");
+    let mut r = Receiver::new(scratch.path(), &archive, &pg.conninfo(), &[]);
+    r.start();
+    pg.pgbench(&["-i", "-s", "1"]);
+    let mut bench = as_postgres(pg_bin("pgbench"))
+        .args([
+            "-h",
+            pg.socket_dir().to_str().unwrap(),
+            "-p",
+            &pg.port().to_string(),
+        ])
+        .args(["-T", "10", "-c", "2", "postgres"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill at varied moments (bounded: eight rounds).
+    let seed = std::process::id() as u64;
+    for round in 0..8u64 {
+        let ms = 200 + (seed.wrapping_mul(2654435761).wrapping_add(round * 7919) % 1000);
+        std::thread::sleep(Duration::from_millis(ms));
+        r.kill9();
+        r.start();
+    }
+    let _ = bench.wait();
+    let last = pg.switch_wal();
+    wait_archived(&archive, &last, &r);
+    r.stop();
+    pg.wait_archived_upto(&last);
+    let n = assert_identical(&archive, &server_archive, &last, scratch.path());
+    assert!(n >= 3, "only {n} segments compared");
+}
+
+#[test]
+fn a_server_restart_mid_stream_is_followed_without_a_gap() {
+    let scratch = scratch_dir("recv-restart");
+    let (mut pg, server_archive) = primary(scratch.path(), "");
+    let archive = scratch.path().join("archive");
+    let mut r = Receiver::new(scratch.path(), &archive, &pg.conninfo(), &[]);
+    r.start();
+    pg.pgbench(&["-i", "-s", "1"]);
+    pg.restart();
+    pg.pgbench(&["-t", "300", "-c", "2"]);
+    pg.stop_immediate();
+    pg.start();
+    pg.pgbench(&["-t", "100"]);
+    let last = pg.switch_wal();
+    wait_archived(&archive, &last, &r);
+    r.stop();
+    pg.wait_archived_upto(&last);
+    assert_identical(&archive, &server_archive, &last, scratch.path());
+}
+
+/// Synchronous: every commit the client saw acknowledged survives an immediate stop of the
+/// primary, recovered from the archive plus the receiver's .partial.
+#[test]
+fn a_synchronous_receiver_loses_no_acknowledged_commit() {
+    let scratch = scratch_dir("recv-sync");
+    let (mut pg, _) = primary(
+        scratch.path(),
+        "synchronous_standby_names = 'walfs'\nsynchronous_commit = on",
+    );
+    let archive = scratch.path().join("archive");
+    let mut r = Receiver::new(scratch.path(), &archive, &pg.conninfo(), &["--synchronous"]);
+    r.start();
+    let ok = poll_until(Duration::from_secs(30), || {
+        pg.psql("select count(*) from pg_stat_replication where sync_state = 'sync'") == "1"
+    });
+    assert!(
+        ok,
+        "walfs never became the synchronous standby:\n{}",
+        r.log_tail()
+    );
+    // Every commit waits for walfs' flush report; a hang here is a failure, not a pass.
+    let backup = scratch.path().join("backup");
+    pg.base_backup(&backup);
+    let mut acked = 0;
+    let sql: String = (1..=300)
+        .map(|i| format!("insert into t values ({i});\n"))
+        .collect();
+    pg.psql("create table t (i int)");
+    let out = run(as_postgres("timeout")
+        .args(["60", pg_bin("psql").to_str().unwrap()])
+        .args([
+            "-h",
+            pg.socket_dir().to_str().unwrap(),
+            "-p",
+            &pg.port().to_string(),
+        ])
+        .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-c", &sql, "postgres"]));
+    if out.status.success() {
+        acked = 300;
+    }
+    assert_eq!(
+        acked,
+        300,
+        "commits did not complete:\n{}\n{}",
+        stderr_str(&out),
+        r.log_tail()
+    );
+    pg.stop_immediate();
+    r.stop();
+    // Restore: the archive through walfs fetch, then the receiver's partial segment.
+    let mut restored = Postgres::existing(&scratch.path().join("restored"), &backup);
+    let bin = scratch.path().join("walfs");
+    std::fs::copy(walfs_bin(), &bin).unwrap();
+    chown_postgres(&archive);
+    let partials: Vec<PathBuf> = std::fs::read_dir(scratch.path().join("cache"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .flat_map(|e| {
+            std::fs::read_dir(e.path().join("spool/current"))
+                .into_iter()
+                .flatten()
+        })
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(partials.len(), 1, "{partials:?}");
+    let p = &partials[0];
+    let segment = p
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".partial")
+        .to_string();
+    let dest = backup.join("pg_wal").join(&segment);
+    std::fs::copy(p, &dest).unwrap();
+    chown_postgres(&dest);
+    restored.enable_recovery(&format!(
+        "{} --config /dev/null --archive file://{} fetch %f %p",
+        bin.display(),
+        archive.display()
+    ));
+    restored.start();
+    restored.wait_recovery_done(Duration::from_secs(120));
+    assert_eq!(
+        restored.psql("select count(*) from t"),
+        acked.to_string(),
+        "acknowledged commits lost"
+    );
+}
+
+/// Streaming from a standby that is promoted: walfs follows onto the new timeline, archives
+/// the history file, keeps the old timeline's last segment as .partial.
+#[test]
+fn a_timeline_switch_is_followed() {
+    let scratch = scratch_dir("recv-tli");
+    let (pg, _) = primary(scratch.path(), "");
+    pg.pgbench(&["-i", "-s", "1"]);
+    let standby_data = scratch.path().join("standby-data");
+    pg.base_backup_with(&standby_data, &["-X", "stream", "-R"]);
+    let standby_archive = scratch.path().join("standby-archive");
+    std::fs::create_dir_all(&standby_archive).unwrap();
+    chown_postgres(&standby_archive);
+    let mut standby = Postgres::existing(&scratch.path().join("standby"), &standby_data);
+    standby.set_conf(&format!(
+        "archive_mode = always\narchive_command = 'cp %p {}/%f'\nhot_standby = on",
+        standby_archive.display()
+    ));
+    standby.start();
+    let archive = scratch.path().join("archive");
+    let mut r = Receiver::new(scratch.path(), &archive, &standby.conninfo(), &[]);
+    r.start();
+    pg.pgbench(&["-t", "200"]);
+    let last1 = pg.switch_wal();
+    wait_archived(&archive, &last1, &r);
+    // Some WAL into the next segment, replayed by the standby, so timeline 1 ends mid-segment.
+    pg.pgbench(&["-t", "50"]);
+    let lsn = pg.psql("select pg_current_wal_lsn()");
+    let caught_up = poll_until(Duration::from_secs(30), || {
+        standby.psql(&format!("select pg_last_wal_replay_lsn() >= '{lsn}'")) == "t"
+    });
+    assert!(caught_up, "the standby did not replay up to {lsn}");
+    std::thread::sleep(Duration::from_secs(2)); // let walfs receive it too (status every 1 s)
+                                                // Promote; the new timeline writes more.
+    standby.psql("select pg_promote()");
+    standby.wait_recovery_done(Duration::from_secs(60));
+    standby.pgbench(&["-t", "200"]);
+    let last2 = standby.switch_wal();
+    assert!(last2.starts_with("00000002"), "{last2}");
+    let t0 = Instant::now();
+    wait_archived(&archive, &last2, &r);
+    let names = archived(&archive);
+    r.stop();
+    assert!(names.contains(&"00000002.history".to_string()), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("00000001") && n.ends_with(".partial")),
+        "{names:?}"
+    );
+    // New-timeline segments equal the promoted server's own.
+    standby.wait_archived_upto(&last2);
+    for n in names
+        .iter()
+        .filter(|n| n.starts_with("00000002") && is_wal_segment_name(n))
+    {
+        let dest = scratch.path().join("x");
+        sh_ok(&mut walfs_cmd(
+            &archive,
+            &["fetch", n, dest.to_str().unwrap()],
+        ));
+        let theirs = standby_archive.join(n);
+        if theirs.exists() {
+            assert!(
+                std::fs::read(&dest).unwrap() == std::fs::read(&theirs).unwrap(),
+                "{n} differs"
+            );
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(90));
+}
