@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 pub struct CachedFile {
     file: std::fs::File,
     len: u64,
+    /// Served from a segment still being received (`--serve-partial`): it will change, so
+    /// it is never kept in the LRU or in the kernel's page cache.
+    provisional: bool,
 }
 
 impl CachedFile {
@@ -40,6 +43,10 @@ impl CachedFile {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    pub fn is_provisional(&self) -> bool {
+        self.provisional
     }
 
     /// The descriptor, for kernel passthrough of reads.
@@ -75,6 +82,8 @@ pub struct CacheOptions {
     pub prefetch_bytes: u64,
     /// Segments loaded ahead at the same time.
     pub prefetch_concurrency: usize,
+    /// Serve the newest segment `walfs receive` is still writing under its final name.
+    pub serve_partial: bool,
 }
 
 /// Read-ahead counters (monotonic), as `walfs status` and the log show them.
@@ -148,6 +157,9 @@ pub struct Cache {
     readahead: Readahead,
     stats: Stats,
     stats_path: PathBuf,
+    /// The spool `walfs receive` writes when it shares this cache directory.
+    spool: PathBuf,
+    serve_partial: bool,
 }
 
 /// A directory name for an archive URL, so caches of different archives never mix.
@@ -205,6 +217,8 @@ impl Cache {
             },
             stats: Stats::default(),
             stats_path: base.join("stats.json"),
+            spool: base.join("spool"),
+            serve_partial: opts.serve_partial,
         })
     }
 
@@ -244,6 +258,7 @@ impl Cache {
         Ok(Arc::new(CachedFile {
             file,
             len: data.len() as u64,
+            provisional: false,
         }))
     }
 
@@ -253,7 +268,13 @@ impl Cache {
         let load = async {
             // A young archive without an identity yet is empty, not misconfigured: the mount
             // checks the archive is reachable when it starts.
-            let data = match self.archive.fetch(name).await {
+            // Received but not uploaded yet: durable here, plaintext, the same bytes.
+            let spooled = tokio::fs::read(self.spooled(name)).await.ok();
+            let data = match spooled {
+                Some(d) => Ok(Some(d)),
+                None => self.archive.fetch(name).await,
+            };
+            let data = match data {
                 Ok(Some(d)) => d,
                 Ok(None) | Err(Error::NoArchive(_)) => {
                     self.stats.fetch_absent.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +302,82 @@ impl Cache {
         if name.kind() != FileKind::Segment {
             return self.load(name).await;
         }
+        let result = self.open_segment(name).await;
+        match result {
+            Err(e) if matches!(e.as_ref(), LoadError::Absent) => {
+                match self.open_partial(name).await {
+                    Ok(Some(file)) => Ok(file),
+                    Ok(None) => Err(e),
+                    Err(io) => Err(Arc::new(LoadError::Local(io))),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The newest segment being received, when `--serve-partial` is on: (its name, path).
+    fn newest_partial(&self) -> Option<(ArchiveName, PathBuf)> {
+        if !self.serve_partial {
+            return None;
+        }
+        let dir = self.spool.join("current");
+        let newest = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".partial"))
+            .max()?;
+        let name = ArchiveName::parse(newest.trim_end_matches(".partial")).ok()?;
+        Some((name, dir.join(newest)))
+    }
+
+    /// `name` served from the segment `walfs receive` is writing: full size, zero tail.
+    async fn open_partial(&self, name: &ArchiveName) -> io::Result<Option<Arc<CachedFile>>> {
+        let Some((newest, path)) = self.newest_partial() else {
+            return Ok(None);
+        };
+        if &newest != name {
+            return Ok(None);
+        }
+        let data = match tokio::fs::read(&path).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None), // completed meanwhile
+            Err(e) => return Err(e),
+        };
+        let file = tokio::task::block_in_place(|| self.land(name, &data))?;
+        tracing::info!(%name, "serving the segment being received (--serve-partial)");
+        Ok(Some(Arc::new(CachedFile {
+            file: file.file.try_clone()?,
+            len: file.len,
+            provisional: true,
+        })))
+    }
+
+    fn spooled(&self, name: &ArchiveName) -> PathBuf {
+        self.spool.join("ready").join(name.as_str())
+    }
+
+    /// Names received but not yet uploaded (few: the uploader drains them).
+    pub fn spooled_names(&self) -> Vec<ArchiveName> {
+        let mut v: Vec<ArchiveName> = std::fs::read_dir(self.spool.join("ready"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| ArchiveName::parse(n).ok())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    async fn open_segment(
+        self: &Arc<Self>,
+        name: &ArchiveName,
+    ) -> Result<Arc<CachedFile>, Arc<LoadError>> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let prepared = lock(&self.readahead.planned).remove(name);
         let result = match prepared {
@@ -506,11 +603,21 @@ impl Cache {
         if let Some(s) = self.sizes.get(name) {
             return Ok(Some(s));
         }
+        if let Ok(m) = tokio::fs::metadata(self.spooled(name)).await {
+            return Ok(Some(m.len()));
+        }
         let size = self.archive.header(name).await?.map(|h| h.plaintext_len);
         if let Some(s) = size {
             self.sizes.insert(name.clone(), s);
+            return Ok(size);
         }
-        Ok(size)
+        // Not remembered: the complete segment replaces it later.
+        if let Some((newest, path)) = self.newest_partial() {
+            if &newest == name {
+                return Ok(tokio::fs::metadata(path).await.ok().map(|m| m.len()));
+            }
+        }
+        Ok(None)
     }
 
     /// Archives `data` under `name` and, once durable, serves it from the cache at once.
@@ -567,6 +674,7 @@ mod tests {
                     max_bytes,
                     prefetch_bytes: 0,
                     prefetch_concurrency: 1,
+                    serve_partial: false,
                 },
             )
             .unwrap(),

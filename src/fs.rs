@@ -85,6 +85,8 @@ struct DirCursor {
     pending: Option<Entry>,
     /// The archive's segment size: a listed segment's size needs no request of its own.
     segment_size: Option<u64>,
+    /// Spooled names not (yet) seen in the archive's listing, listed after it (last first).
+    spooled: Vec<ArchiveName>,
 }
 
 enum Open {
@@ -575,8 +577,12 @@ impl Filesystem for WalFs {
                         return reply.error(Errno::EBUSY);
                     };
                     n.readers += 1;
-                    let keep = !std::mem::take(&mut n.stale_pages);
+                    // A provisional file (a segment still being received) will change: its
+                    // pages must not outlive this open.
+                    let provisional = file.is_provisional();
+                    let keep = !std::mem::replace(&mut n.stale_pages, provisional) && !provisional;
                     let backing = match &n.backing {
+                        _ if provisional => None,
                         Some(b) => Some(b.clone()),
                         None if inner.passthrough.load(std::sync::atomic::Ordering::Relaxed) => {
                             match reply.open_backing(file.fd()) {
@@ -760,6 +766,7 @@ impl Filesystem for WalFs {
                 next: u64::MAX,
                 pending: None,
                 segment_size: None,
+                spooled: Vec::new(),
             }))));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
@@ -794,8 +801,12 @@ impl Filesystem for WalFs {
                         }
                     };
                 }
-                c.stream = Some(inner.cache.list());
+                // Fused: the kernel asks once more after the last entry; a finished listing
+                // stream must answer "nothing", not be polled again.
+                c.stream = Some(inner.cache.list().fuse().boxed());
                 c.pending = None;
+                c.spooled = inner.cache.spooled_names();
+                c.spooled.reverse();
                 let mut skip = offset.saturating_sub(2);
                 while skip > 0 {
                     match c.stream.as_mut().map(|s| s.next()) {
@@ -824,16 +835,31 @@ impl Filesystem for WalFs {
             }
             loop {
                 let entry = match c.pending.take() {
-                    Some(e) => e,
+                    Some(e) => Some(e),
                     None => match c.stream.as_mut() {
                         Some(s) => match s.next().await {
-                            Some(Ok(e)) => e,
+                            Some(Ok(e)) => Some(e),
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "listing the archive failed");
                                 c.stream = None;
                                 return reply.error(Errno::EIO);
                             }
-                            None => break,
+                            None => None,
+                        },
+                        None => None,
+                    },
+                };
+                // After the archive: what `walfs receive` spooled and has not uploaded yet.
+                let entry = match entry {
+                    Some(e) => {
+                        c.spooled.retain(|n| n != &e.name);
+                        e
+                    }
+                    None => match c.spooled.pop() {
+                        Some(name) => Entry {
+                            name,
+                            stored_bytes: 0,
+                            last_modified: 0,
                         },
                         None => break,
                     },

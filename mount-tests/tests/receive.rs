@@ -12,13 +12,30 @@ struct Receiver {
     child: Option<Child>,
     log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Receiver {
     fn new(dir: &Path, archive: &Path, conninfo: &str, extra: &[&str]) -> Receiver {
+        Receiver::with_url(
+            dir,
+            &format!("file://{}", archive.display()),
+            &[],
+            conninfo,
+            extra,
+        )
+    }
+
+    fn with_url(
+        dir: &Path,
+        url: &str,
+        env: &[(String, String)],
+        conninfo: &str,
+        extra: &[&str],
+    ) -> Receiver {
         let mut args = vec![
             "--archive".to_string(),
-            format!("file://{}", archive.display()),
+            url.to_string(),
             "--cache-dir".to_string(),
             dir.join("cache").display().to_string(),
             "receive".to_string(),
@@ -35,6 +52,7 @@ impl Receiver {
             child: None,
             log: dir.join("receive.log"),
             args,
+            env: env.to_vec(),
         }
     }
 
@@ -47,6 +65,7 @@ impl Receiver {
             .unwrap();
         let child = Command::new(walfs_bin())
             .env("WALFS_CONFIG", "/dev/null")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -307,38 +326,16 @@ fn a_synchronous_receiver_loses_no_acknowledged_commit() {
     );
     pg.stop_immediate();
     r.stop();
-    // Restore: the archive through walfs fetch, then the receiver's partial segment.
+    // Restore through the mount over the same cache: the archive, the spool, and the segment
+    // still being received served under its final name.
+    let mount_args = vec![
+        "--archive".to_string(),
+        format!("file://{}", archive.display()),
+    ];
+    let serve = [("WALFS_SERVE_PARTIAL".to_string(), "true".to_string())];
+    let mount = WalfsMount::start(scratch.path(), &mount_args, &serve);
     let mut restored = Postgres::existing(&scratch.path().join("restored"), &backup);
-    let bin = scratch.path().join("walfs");
-    std::fs::copy(walfs_bin(), &bin).unwrap();
-    chown_postgres(&archive);
-    let partials: Vec<PathBuf> = std::fs::read_dir(scratch.path().join("cache"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .flat_map(|e| {
-            std::fs::read_dir(e.path().join("spool/current"))
-                .into_iter()
-                .flatten()
-        })
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    assert_eq!(partials.len(), 1, "{partials:?}");
-    let p = &partials[0];
-    let segment = p
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches(".partial")
-        .to_string();
-    let dest = backup.join("pg_wal").join(&segment);
-    std::fs::copy(p, &dest).unwrap();
-    chown_postgres(&dest);
-    restored.enable_recovery(&format!(
-        "{} --config /dev/null --archive file://{} fetch %f %p",
-        bin.display(),
-        archive.display()
-    ));
+    restored.enable_recovery(&format!("cp {}/%f %p", mount.path().display()));
     restored.start();
     restored.wait_recovery_done(Duration::from_secs(120));
     assert_eq!(
@@ -417,4 +414,82 @@ fn a_timeline_switch_is_followed() {
         }
     }
     assert!(t0.elapsed() < Duration::from_secs(90));
+}
+
+/// Received but not yet uploaded (the store is unreachable): the mount over the same cache
+/// lists and serves it anyway, and still does after the upload.
+#[test]
+fn the_mount_shows_what_the_receiver_spooled() {
+    let scratch = scratch_dir("recv-spool");
+    let (pg, server_archive) = primary(scratch.path(), "");
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let proxy = FaultProxy::start(s3.port());
+    let mut env = s3.env();
+    for (k, v) in env.iter_mut() {
+        if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
+            *v = proxy.endpoint();
+        }
+    }
+    env.push(("WALFS_RETRY_TIMEOUT".into(), "2s".into()));
+    let url = "s3://wal/p";
+    let mut r = Receiver::with_url(scratch.path(), url, &env, &pg.conninfo(), &[]);
+    r.start();
+    // Let the receiver start (it probes the store), then cut the store off.
+    let up = poll_until(Duration::from_secs(30), || {
+        file_tail(&r.log, 50).contains("streaming")
+    });
+    assert!(up, "{}", r.log_tail());
+    proxy.set_down(true);
+    pg.pgbench(&["-i", "-s", "1"]);
+    let last = pg.switch_wal();
+    pg.wait_archived_upto(&last);
+    let mount = WalfsMount::start(
+        scratch.path(),
+        &["--archive".to_string(), url.to_string()],
+        &env,
+    );
+    let seen = poll_until(Duration::from_secs(60), || mount.file(&last).exists());
+    assert!(seen, "a spooled segment is not visible:\n{}", r.log_tail());
+    // A listing needs the archive: with it unreachable, an error, never a partial list.
+    let ls = run(Command::new("ls").arg(mount.path()));
+    assert!(
+        !ls.status.success() && stderr_str(&ls).contains("Input/output error"),
+        "{}",
+        stderr_str(&ls)
+    );
+    let dest = scratch.path().join("out");
+    sh_ok(Command::new("cp").arg(mount.file(&last)).arg(&dest));
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(server_archive.join(&last)).unwrap());
+    assert!(s3
+        .list_keys("wal", "p/wal/")
+        .iter()
+        .all(|k| !k.ends_with(last.as_str())));
+    // The store comes back: the spool drains, and the file is still there, the same.
+    proxy.set_down(false);
+    let uploaded = poll_until(Duration::from_secs(90), || {
+        s3.list_keys("wal", "p/wal/")
+            .iter()
+            .any(|k| k.ends_with(last.as_str()))
+    });
+    assert!(uploaded, "the spool never drained:\n{}", r.log_tail());
+    let ls = run(Command::new("ls").arg(mount.path()));
+    assert!(
+        ls.status.success(),
+        "{}\n{}",
+        stderr_str(&ls),
+        mount
+            .log()
+            .lines()
+            .filter(|l| l.contains("panicked") || l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let ls = stdout_str(&ls);
+    assert!(ls.contains(last.as_str()), "{ls}");
+    let dest2 = scratch.path().join("out2");
+    sh_ok(Command::new("cp").arg(mount.file(&last)).arg(&dest2));
+    assert!(std::fs::read(&dest2).unwrap() == std::fs::read(server_archive.join(&last)).unwrap());
+    r.stop();
+    drop(mount);
 }

@@ -140,6 +140,10 @@ pub struct MountArgs {
     #[arg(long, env = "WALFS_PASSTHROUGH", value_name = "BOOL", default_value_t = true,
           action = clap::ArgAction::Set)]
     pub passthrough: bool,
+    /// Serve the segment `walfs receive` is still writing (sharing --cache-dir) under its
+    /// final name, full size with a zero tail, so a recovery reaches the last flushed commit
+    #[arg(long, env = "WALFS_SERVE_PARTIAL")]
+    pub serve_partial: bool,
     /// Segments loaded ahead at the same time
     #[arg(long, env = "WALFS_PREFETCH_CONCURRENCY", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]

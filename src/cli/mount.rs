@@ -143,7 +143,15 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     check_fuse()?;
     let archive = Arc::new(open_archive(settings, !args.read_only)?);
-    archive.probe().await?;
+    match archive.probe().await {
+        Ok(()) => {}
+        // Unreachable for now: mount anyway (the cache and a receiver's spool still serve,
+        // writes fail until it is back), and say so.
+        Err(e @ crate::store::Error::Backend { .. }) => {
+            tracing::warn!(error = %e, "the archive does not answer; mounting anyway")
+        }
+        Err(e) => return Err(e.into()),
+    }
     let cache = Cache::new(
         archive.clone(),
         &CacheOptions {
@@ -151,6 +159,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
             max_bytes: settings.cache_size,
             prefetch_bytes: args.prefetch_bytes,
             prefetch_concurrency: usize::from(args.prefetch_concurrency),
+            serve_partial: args.serve_partial,
         },
     )
     .map_err(|e| {
