@@ -493,3 +493,163 @@ fn the_mount_shows_what_the_receiver_spooled() {
     r.stop();
     drop(mount);
 }
+
+/// Runs a receiver until it streams (true) or exits by itself (false); returns its log.
+fn try_receive(dir: &Path, conninfo: &str, env: &[(String, String)]) -> (bool, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let archive = dir.join("archive");
+    let mut r = Receiver::with_url(
+        dir,
+        &format!("file://{}", archive.display()),
+        env,
+        conninfo,
+        &[],
+    );
+    r.start();
+    let mut exited = false;
+    let streaming = poll_until(Duration::from_secs(30), || {
+        exited = r
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        exited || file_tail(&r.log, 50).contains("streaming")
+    }) && !exited;
+    if streaming {
+        r.stop();
+    } else {
+        r.kill9();
+    }
+    (streaming, file_tail(&r.log, 20))
+}
+
+#[test]
+fn password_md5_scram_and_tls_connections() {
+    let scratch = scratch_dir("recv-auth");
+    let dir = scratch.path();
+    let mut pg = Postgres::init(
+        &dir.join("pg"),
+        InitOptions {
+            wal_segsize_mb: 1,
+            ..Default::default()
+        },
+    );
+    // A test CA signs the server's certificate (localhost / 127.0.0.1); another CA is unrelated.
+    let data = pg.data_dir().to_path_buf();
+    let openssl = |args: &[&str]| sh_ok(Command::new("openssl").current_dir(dir).args(args));
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+            "-subj",
+            &format!("/CN=walfs test {ca}"),
+        ]);
+    }
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    for f in ["server.crt", "server.key"] {
+        std::fs::copy(dir.join(f), data.join(f)).unwrap();
+        chown_postgres(&data.join(f));
+    }
+    sh_ok(
+        Command::new("chmod")
+            .arg("600")
+            .arg(data.join("server.key")),
+    );
+    pg.set_conf("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'");
+    // Ahead of initdb's trust lines: SCRAM over TLS only for `rep`, md5 for `legacy`.
+    let hba = data.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "hostssl replication rep 127.0.0.1/32 scram-sha-256\nhost replication rep 127.0.0.1/32 reject\n\
+             host replication legacy 127.0.0.1/32 md5\n{old}"
+        ),
+    )
+    .unwrap();
+    pg.start();
+    pg.psql("create role rep replication login password 'scram secret'");
+    pg.psql("set password_encryption = 'md5'; create role legacy replication login password 'md5 secret'");
+    let port = pg.port();
+    let base = |user: &str, extra: &str| format!("host=127.0.0.1 port={port} user={user} {extra}");
+    let pw = |p: &str| vec![("PGPASSWORD".to_string(), p.to_string())];
+
+    // SCRAM over TLS (prefer negotiates it; hostssl would refuse plain).
+    let (ok, log) = try_receive(&dir.join("a"), &base("rep", ""), &pw("scram secret"));
+    assert!(ok, "SCRAM over TLS: {log}");
+    // A wrong password is a clear, final error.
+    let (ok, log) = try_receive(&dir.join("b"), &base("rep", ""), &pw("wrong"));
+    assert!(!ok && log.contains("authentication"), "{log}");
+    // TLS refused on the client side: the server's hostssl-only rule rejects it.
+    let (ok, log) = try_receive(
+        &dir.join("c"),
+        &base("rep", "sslmode=disable"),
+        &pw("scram secret"),
+    );
+    assert!(!ok, "{log}");
+    // verify-full against the right and the wrong root.
+    let right = format!(
+        "sslmode=verify-full sslrootcert={}",
+        dir.join("ca.crt").display()
+    );
+    let (ok, log) = try_receive(&dir.join("d"), &base("rep", &right), &pw("scram secret"));
+    assert!(ok, "verify-full: {log}");
+    let wrong = format!(
+        "sslmode=verify-full sslrootcert={}",
+        dir.join("other-ca.crt").display()
+    );
+    let (ok, log) = try_receive(&dir.join("e"), &base("rep", &wrong), &pw("scram secret"));
+    assert!(!ok && log.contains("TLS"), "{log}");
+    // md5, with the password from a .pgpass file.
+    let pgpass = dir.join("pgpass");
+    std::fs::write(
+        &pgpass,
+        format!("127.0.0.1:{port}:replication:legacy:md5 secret\n"),
+    )
+    .unwrap();
+    sh_ok(Command::new("chmod").arg("600").arg(&pgpass));
+    let env = vec![("PGPASSFILE".to_string(), pgpass.display().to_string())];
+    let (ok, log) = try_receive(&dir.join("f"), &base("legacy", "sslmode=disable"), &env);
+    assert!(ok, "md5 with .pgpass: {log}");
+}

@@ -6,6 +6,7 @@
 //! tokio-postgres itself has no CopyBoth support. Reference: PostgreSQL's
 //! src/bin/pg_basebackup/receivelog.c and the streaming replication protocol docs.
 
+use super::tls::{take_ssl_params, SslMode, TlsSettings};
 use crate::wal::Lsn;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -31,6 +32,8 @@ pub enum ConnError {
     Auth(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("connection lost: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -38,7 +41,10 @@ pub enum ConnError {
 impl ConnError {
     /// Errors a retry cannot fix (bad settings, refused credentials).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ConnError::Params(_) | ConnError::Auth(_))
+        matches!(
+            self,
+            ConnError::Params(_) | ConnError::Auth(_) | ConnError::Tls(_)
+        )
     }
 }
 
@@ -50,6 +56,7 @@ pub struct ConnParams {
     pub user: String,
     pub password: Option<String>,
     pub application_name: String,
+    pub tls: TlsSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -98,11 +105,26 @@ impl ConnParams {
         conninfo: Option<&str>,
         application_name: &str,
     ) -> Result<ConnParams, ConnError> {
-        let cfg = match conninfo {
-            Some(s) if !s.trim().is_empty() => tokio_postgres::Config::from_str(s)
-                .map_err(|e| ConnError::Params(format!("{s:?}: {e}")))?,
-            _ => tokio_postgres::Config::new(),
+        let (rest, mode, root) = take_ssl_params(conninfo.unwrap_or(""));
+        let cfg = if rest.trim().is_empty() {
+            tokio_postgres::Config::new()
+        } else {
+            tokio_postgres::Config::from_str(&rest)
+                .map_err(|e| ConnError::Params(format!("{rest:?}: {e}")))?
         };
+        let mode = SslMode::parse(
+            &mode
+                .or_else(|| env("PGSSLMODE"))
+                .unwrap_or_else(|| "prefer".into()),
+        )
+        .map_err(ConnError::Params)?;
+        let root_cert = root
+            .or_else(|| env("PGSSLROOTCERT"))
+            .map(PathBuf::from)
+            .or_else(|| {
+                let default = PathBuf::from(std::env::var_os("HOME")?).join(".postgresql/root.crt");
+                default.exists().then_some(default)
+            });
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => host_from(h),
             Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
@@ -142,6 +164,7 @@ impl ConnParams {
                 .map(str::to_string)
                 .or_else(|| env("PGAPPNAME"))
                 .unwrap_or_else(|| application_name.to_string()),
+            tls: TlsSettings { mode, root_cert },
         })
     }
 
@@ -158,6 +181,45 @@ fn host_from(h: &str) -> Host {
         Host::Unix(PathBuf::from(h))
     } else {
         Host::Tcp(h.to_string())
+    }
+}
+
+/// SSLRequest and, when the server agrees, the TLS handshake (libpq's sslmode rules).
+async fn negotiate_tls(
+    mut tcp: tokio::net::TcpStream,
+    p: &ConnParams,
+) -> Result<Box<dyn Stream>, ConnError> {
+    if p.tls.mode == SslMode::Disable {
+        return Ok(Box::new(tcp));
+    }
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let config = super::tls::client_config(&p.tls).map_err(ConnError::Tls)?;
+            let host = match &p.host {
+                Host::Tcp(h) => h.clone(),
+                Host::Unix(_) => "localhost".into(),
+            };
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| ConnError::Tls(format!("{host}: {e}")))?;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ConnError::Tls(format!("handshake with {host}: {e}")))?;
+            Ok(Box::new(tls))
+        }
+        b'N' if p.tls.mode == SslMode::Prefer => Ok(Box::new(tcp)),
+        b'N' => Err(ConnError::Tls(format!(
+            "the server does not accept TLS (sslmode {:?})",
+            p.tls.mode
+        ))),
+        other => Err(ConnError::Protocol(format!(
+            "unexpected answer {other:?} to SSLRequest"
+        ))),
     }
 }
 
@@ -220,14 +282,14 @@ impl ReplicationConn {
                 Host::Tcp(h) => {
                     let s = tokio::net::TcpStream::connect((h.as_str(), p.port)).await?;
                     s.set_nodelay(true)?;
-                    Box::new(s)
+                    return Ok(Err(s));
                 }
                 Host::Unix(dir) => {
                     let path = dir.join(format!(".s.PGSQL.{}", p.port));
                     Box::new(tokio::net::UnixStream::connect(path).await?)
                 }
             };
-            Ok::<_, std::io::Error>(s)
+            Ok::<_, std::io::Error>(Ok(s))
         };
         let stream = tokio::time::timeout(timeout, connect)
             .await
@@ -239,6 +301,10 @@ impl ReplicationConn {
                 target: target.clone(),
                 source,
             })?;
+        let stream = match stream {
+            Ok(unix) => unix,
+            Err(tcp) => negotiate_tls(tcp, p).await?,
+        };
         let mut conn = ReplicationConn {
             stream,
             buf: BytesMut::with_capacity(1 << 20),

@@ -13,6 +13,7 @@
 //! else at the server's current position: never a gap.
 
 pub mod conn;
+pub mod tls;
 
 use crate::store::{Archive, Error as StoreError};
 use crate::wal::{ArchiveName, FileKind, Lsn, SegmentId, SegmentSize};
@@ -308,12 +309,14 @@ impl Receiver {
     /// Streams until `shutdown` turns true; reconnects with backoff after any error a retry
     /// can fix. The uploader drains the spool meanwhile.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ReceiveError> {
+        // The uploader stops when streaming does, whatever the reason.
+        let (stop_uploader, uploader_stop) = watch::channel(false);
         let uploader = tokio::spawn(upload_loop(
             self.archive.clone(),
             self.spool.clone(),
             self.ready.clone(),
             self.uploaded.clone(),
-            shutdown.clone(),
+            uploader_stop,
         ));
         let mut backoff = Duration::from_millis(500);
         let result = loop {
@@ -334,6 +337,7 @@ impl Receiver {
                 }
             }
         };
+        let _ = stop_uploader.send(true);
         self.ready.notify_one();
         // Give the uploader a moment to drain; what is left stays durable in the spool.
         let _ = tokio::time::timeout(Duration::from_secs(10), uploader).await;
@@ -628,7 +632,7 @@ async fn upload_loop(
     spool: Arc<Spool>,
     ready: Arc<Notify>,
     uploaded: Arc<Notify>,
-    shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -673,7 +677,7 @@ async fn upload_loop(
                 }
             }
         }
-        if *shutdown.borrow() && (!failed || spool.ready().is_empty()) {
+        if *stop.borrow() && (!failed || spool.ready().is_empty()) {
             return;
         }
         let wait = if failed {
@@ -687,6 +691,7 @@ async fn upload_loop(
         tokio::select! {
             _ = ready.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed(), if !*stop.borrow() => {}
         }
     }
 }
