@@ -208,9 +208,7 @@ impl SegmentWriter {
                     .create(true)
                     .truncate(false)
                     .open(&path)?;
-                if f.metadata()?.len() < seg {
-                    f.set_len(seg)?;
-                }
+                preallocate(&f, seg)?;
                 fsync_dir(&spool.current)?;
                 self.current = Some((segno, f));
             }
@@ -260,6 +258,24 @@ impl SegmentWriter {
             .as_ref()
             .map(|(segno, _)| (self.segment_name(*segno), *segno))
     }
+}
+
+/// Fills a new segment file with zeros up to its full size, as pg_receivewal does: later
+/// fdatasyncs then write data only, not block allocations (a sparse file would make every
+/// synchronous commit wait for a metadata update).
+fn preallocate(f: &File, size: u64) -> io::Result<()> {
+    let have = f.metadata()?.len();
+    if have >= size {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = have;
+    while at < size {
+        let n = zeros.len().min((size - at) as usize);
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()
 }
 
 /// `16MB`, `1GB`, `1024kB` as SHOW wal_segment_size prints it.
