@@ -31,6 +31,17 @@ impl WalfsMount {
     /// Starts the mount. `args` are global walfs options (`--archive`, `--key-file`, …) and
     /// mount options; `env` is added to the process environment. Waits (bounded) until mounted.
     pub fn start(dir: &Path, args: &[String], env: &[(String, String)]) -> WalfsMount {
+        Self::start_with(dir, args, &[], env)
+    }
+
+    /// Like [`start`](Self::start), with `mount_args` placed after `mount DIR/mnt` (options of the
+    /// `mount` subcommand itself, e.g. `--prefetch-bytes 0`).
+    pub fn start_with(
+        dir: &Path,
+        args: &[String],
+        mount_args: &[String],
+        env: &[(String, String)],
+    ) -> WalfsMount {
         let mountpoint = dir.join("mnt");
         std::fs::create_dir_all(&mountpoint).expect("create mountpoint");
         let log = dir.join(format!("walfs-mount-{}.log", std::process::id()));
@@ -47,6 +58,7 @@ impl WalfsMount {
             .arg("mount")
             .arg(&mountpoint)
             .args(["--allow-other", "--uid", "postgres", "--gid", "postgres"])
+            .args(mount_args)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf);
@@ -78,6 +90,11 @@ impl WalfsMount {
     /// `MOUNT/name`.
     pub fn file(&self, name: &str) -> PathBuf {
         self.mountpoint.join(name)
+    }
+
+    /// The mount's `--cache-dir` (`DIR/cache`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.mountpoint.with_file_name("cache")
     }
 
     pub fn pid(&self) -> u32 {
