@@ -101,12 +101,12 @@ pub struct Stats {
     pub prefetched: AtomicU64,
     /// Segments loaded ahead and dropped unread.
     pub wasted: AtomicU64,
-    /// Planned segments found not archived (one probe each, then the plan stops there).
+    /// Planned segments found not archived (the plan stops there; at most the concurrency).
     pub absent: AtomicU64,
     /// Time readers waited for segment loads, in microseconds.
     pub stall_us: AtomicU64,
-    /// Full downloads attempted of names that were not archived (lookups catch absence
-    /// first, so this stays 0 unless a file vanishes between lookup and open).
+    /// Opens of segments that were not archived (lookups catch absence first, so this stays
+    /// 0 unless a file vanishes between lookup and open).
     pub fetch_absent: AtomicU64,
 }
 
@@ -245,13 +245,18 @@ impl Cache {
     /// Lands verified plaintext in the cache. The file is unlinked at once and kept only
     /// through its descriptor, so eviction, crashes and restarts never leave bytes behind
     /// that no index knows of.
-    fn land(&self, name: &ArchiveName, data: &[u8]) -> io::Result<Arc<CachedFile>> {
+    fn new_plain_file(&self, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
         let path = self.unique(&self.plain_dir, name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)?;
+        Ok((file, path))
+    }
+
+    fn land(&self, name: &ArchiveName, data: &[u8]) -> io::Result<Arc<CachedFile>> {
+        let (file, path) = self.new_plain_file(name)?;
         let written = file.write_all_at(data, 0);
         let _ = std::fs::remove_file(&path);
         written?;
@@ -269,24 +274,28 @@ impl Cache {
             // A young archive without an identity yet is empty, not misconfigured: the mount
             // checks the archive is reachable when it starts.
             // Received but not uploaded yet: durable here, plaintext, the same bytes.
-            let spooled = tokio::fs::read(self.spooled(name)).await.ok();
-            let data = match spooled {
-                Some(d) => Ok(Some(d)),
-                None => self.archive.fetch(name).await,
-            };
-            let data = match data {
-                Ok(Some(d)) => d,
-                Ok(None) | Err(Error::NoArchive(_)) => {
-                    self.stats.fetch_absent.fetch_add(1, Ordering::Relaxed);
-                    return Err(LoadError::Absent);
+            let file = match tokio::fs::read(self.spooled(name)).await {
+                Ok(d) => tokio::task::block_in_place(|| self.land(name, &d))?,
+                Err(_) => {
+                    // Decoded straight into a private, unlinked file: no plaintext in memory.
+                    let (f, path) = self.new_plain_file(name)?;
+                    let _ = std::fs::remove_file(&path);
+                    match self.archive.fetch_into(name, f.try_clone()?).await {
+                        Ok(Some(len)) => Arc::new(CachedFile {
+                            file: f,
+                            len,
+                            provisional: false,
+                        }),
+                        Ok(None) | Err(Error::NoArchive(_)) => return Err(LoadError::Absent),
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-                Err(e) => return Err(e.into()),
             };
             if name.kind() == FileKind::History {
-                let history = parse_history(&String::from_utf8_lossy(&data));
+                let text = file.read_at(0, u32::try_from(file.len()).unwrap_or(u32::MAX))?;
+                let history = parse_history(&String::from_utf8_lossy(&text));
                 lock(&self.readahead.timelines).insert(name.timeline(), history);
             }
-            let file = tokio::task::block_in_place(|| self.land(name, &data))?;
             self.sizes.insert(name.clone(), file.len());
             Ok::<_, LoadError>(file)
         };
@@ -307,7 +316,10 @@ impl Cache {
             Err(e) if matches!(e.as_ref(), LoadError::Absent) => {
                 match self.open_partial(name).await {
                     Ok(Some(file)) => Ok(file),
-                    Ok(None) => Err(e),
+                    Ok(None) => {
+                        self.stats.fetch_absent.fetch_add(1, Ordering::Relaxed);
+                        Err(e)
+                    }
                     Err(io) => Err(Arc::new(LoadError::Local(io))),
                 }
             }
@@ -493,8 +505,9 @@ impl Cache {
         }
     }
 
-    /// Probes the planned segments in order and loads those that are archived, a few at a
-    /// time; the first one missing ends the plan (no storm of misses at the archive's end).
+    /// Loads the planned segments in order, a few at a time. A planned segment that is not
+    /// archived marks the archive's end: nothing at or past it is requested again until
+    /// PostgreSQL itself finds it, so the end costs at most `--prefetch-concurrency` misses.
     async fn load_plan(self: &Arc<Self>, names: Vec<ArchiveName>, size: SegmentSize) {
         let ra = &self.readahead;
         {
@@ -503,63 +516,48 @@ impl Cache {
                 planned.entry(n.clone()).or_insert(None);
             }
         }
-        let _probing = ra.prober.lock().await;
+        // One plan at a time starts loads, so overlapping plans see each other's end.
+        let _starting = ra.prober.lock().await;
         for (i, name) in names.iter().enumerate() {
-            if !lock(&ra.planned).contains_key(name) {
-                continue; // served or dropped meanwhile
-            }
-            let known_missing = match (name.segment(size), lock(&ra.planner).as_ref()) {
-                (Ok(Some(id)), Some(p)) => p.past_end(id),
-                _ => false,
-            };
-            if known_missing {
-                lock(&ra.planned).retain(|n, f| f.is_some() || !names[i..].contains(n));
-                return;
-            }
-            match self.size(name).await {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    self.stats.absent.fetch_add(1, Ordering::Relaxed);
-                    if let (Ok(Some(id)), Some(p)) =
-                        (name.segment(size), lock(&ra.planner).as_mut())
-                    {
-                        p.missing(id);
-                    }
-                    let mut planned = lock(&ra.planned);
-                    for n in &names[i..] {
-                        if planned.get(n).is_some_and(Option::is_none) {
-                            planned.remove(n);
-                        }
-                    }
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(%name, error = %e, "read-ahead probe failed");
-                    lock(&ra.planned).remove(name);
-                    return;
-                }
-            }
             let Ok(permit) = ra.permits.clone().acquire_owned().await else {
                 return;
             };
+            if !lock(&ra.planned).contains_key(name) {
+                continue; // served or dropped meanwhile
+            }
+            let past_end = match (name.segment(size), lock(&ra.planner).as_ref()) {
+                (Ok(Some(id)), Some(p)) => p.past_end(id),
+                _ => false,
+            };
+            if past_end {
+                lock(&ra.planned).retain(|n, f| f.is_some() || !names[i..].contains(n));
+                return;
+            }
             let this = self.clone();
             let name = name.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if !lock(&this.readahead.planned).contains_key(&name) {
-                    return;
-                }
+                let ra = &this.readahead;
                 match this.load(&name).await {
                     Ok(file) => {
                         this.stats.prefetched.fetch_add(1, Ordering::Relaxed);
-                        if let Some(slot) = lock(&this.readahead.planned).get_mut(&name) {
+                        if let Some(slot) = lock(&ra.planned).get_mut(&name) {
                             *slot = Some(file);
                         }
+                    }
+                    Err(e) if matches!(e.as_ref(), LoadError::Absent) => {
+                        this.stats.absent.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(Some(id)) = name.segment(size) {
+                            if let Some(p) = lock(&ra.planner).as_mut() {
+                                p.missing(id);
+                            }
+                        }
+                        lock(&ra.planned).retain(|n, f| f.is_some() || n < &name);
                     }
                     Err(e) => {
                         // The reader will meet the same error on demand, and report it.
                         tracing::debug!(%name, error = %e, "read-ahead load failed");
-                        lock(&this.readahead.planned).remove(&name);
+                        lock(&ra.planned).remove(&name);
                     }
                 }
             });

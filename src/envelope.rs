@@ -157,6 +157,8 @@ pub enum OpenError {
     WrongKey { object: KeyId, configured: KeyId },
     #[error("damaged object: {0}")]
     Corrupt(String),
+    #[error("writing the opened file: {0}")]
+    Output(String),
 }
 
 fn corrupt(why: impl Into<String>) -> OpenError {
@@ -459,9 +461,18 @@ pub fn seal(name: &str, plaintext: &[u8], key: Option<&Key>, opts: SealOptions) 
     out
 }
 
-/// Opens the object stored for `name`: authenticates every chunk before returning a single
-/// byte. CPU-bound: call from a blocking context.
-pub fn open(name: &str, object: &[u8], key: Option<&Key>) -> Result<Vec<u8>, OpenError> {
+/// A sink for opened plaintext: `(offset, bytes)`, called from several threads.
+pub type Sink<'a> = dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync + 'a;
+
+/// Opens the object stored for `name` into `sink`, chunk by chunk on every core. Nothing the
+/// sink received may be used unless this returns Ok (with the plaintext length): a damaged
+/// chunk anywhere fails the whole object. CPU-bound: call from a blocking context.
+pub fn open_into(
+    name: &str,
+    object: &[u8],
+    key: Option<&Key>,
+    sink: &Sink<'_>,
+) -> Result<u64, OpenError> {
     let header = Header::parse(object)?;
     let key = match (header.cipher, key) {
         (Cipher::None, _) => None,
@@ -504,23 +515,31 @@ pub fn open(name: &str, object: &[u8], key: Option<&Key>) -> Result<Vec<u8>, Ope
         )));
     }
     let sealer = Sealer::new(&header, &object[..HEADER_LEN], name, key);
-    let mut plaintext = vec![0u8; header.plaintext_len as usize];
-    let threads = workers(n);
-    let per = n.div_ceil(threads);
+    // Workers take chunks in turn and hand each, once authenticated and expanded, to the
+    // sink: memory stays at one chunk per worker whatever the file's size.
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let cs = header.chunk_size as usize;
     let results: Vec<Result<(), OpenError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = plaintext
-            .chunks_mut((per * cs).max(1))
-            .enumerate()
-            .map(|(t, dest)| {
-                let sealer = &sealer;
-                let records = &records;
+        let handles: Vec<_> = (0..workers(n))
+            .map(|_| {
+                let (sealer, records, next) = (&sealer, &records, &next);
+                let header = &header;
                 s.spawn(move || {
-                    for (j, d) in dest.chunks_mut(cs).enumerate() {
-                        let i = t * per + j;
-                        sealer.open_chunk(i, records[i], d)?;
+                    let mut buf = vec![0u8; cs];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        let start = i * cs;
+                        let len = cs.min(
+                            header.plaintext_len as usize
+                                - start.min(header.plaintext_len as usize),
+                        );
+                        let dest = &mut buf[..len];
+                        sealer.open_chunk(i, records[i], dest)?;
+                        sink(start as u64, dest).map_err(|e| OpenError::Output(e.to_string()))?;
                     }
-                    Ok(())
                 })
             })
             .collect();
@@ -530,15 +549,24 @@ pub fn open(name: &str, object: &[u8], key: Option<&Key>) -> Result<Vec<u8>, Ope
             .collect()
     });
     results.into_iter().collect::<Result<(), _>>()?;
-    if header.plaintext_len == 0 {
-        // The single empty chunk still has to authenticate.
-        sealer.open_chunk(0, records[0], &mut [])?;
-    }
     // No whole-file hash here: every chunk authenticated against the header (which fixes the
     // chunk count and each chunk's length) and its index, the last chunk carries the last
     // flag, and nothing follows it, so the plaintext is exactly what was sealed. The header's
     // digest serves content comparisons (re-archive), not integrity.
-    Ok(plaintext)
+    Ok(header.plaintext_len)
+}
+
+/// Opens the object stored for `name` into memory: authenticates every chunk before
+/// returning a single byte. CPU-bound: call from a blocking context.
+pub fn open(name: &str, object: &[u8], key: Option<&Key>) -> Result<Vec<u8>, OpenError> {
+    let len = Header::parse(object)?.plaintext_len as usize;
+    let out = std::sync::Mutex::new(vec![0u8; len]);
+    open_into(name, object, key, &|at, bytes| {
+        let mut v = out.lock().unwrap_or_else(|p| p.into_inner());
+        v[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    })?;
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 #[cfg(test)]

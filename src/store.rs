@@ -377,31 +377,67 @@ impl Archive {
         }
     }
 
-    /// The plaintext of `name`, fully authenticated, or None when it is not archived.
-    /// A missing identity turns "absent" into [`Error::NoArchive`]: a wrong URL must not look
-    /// like the end of the archive to PostgreSQL.
-    pub async fn fetch(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
+    /// The stored object of `name`, or None when it is not archived. A missing identity
+    /// turns "absent" into [`Error::NoArchive`]: a wrong URL must not look like the end of the
+    /// archive to PostgreSQL.
+    async fn get_object(&self, name: &ArchiveName) -> Result<Option<Bytes>, Error> {
         let path = self.object_path(name);
-        let bytes = match self.store.get(&path).await {
+        match self.store.get(&path).await {
             Ok(r) => r
                 .bytes()
                 .await
-                .map_err(|e| Error::backend(format!("downloading {name}"), e))?,
+                .map(Some)
+                .map_err(|e| Error::backend(format!("downloading {name}"), e)),
             Err(object_store::Error::NotFound { .. }) => {
                 self.require_identity().await?;
-                return Ok(None);
+                Ok(None)
             }
-            Err(e) => return Err(Error::backend(format!("downloading {name}"), e)),
+            Err(e) => Err(Error::backend(format!("downloading {name}"), e)),
+        }
+    }
+
+    fn unreadable(name: &ArchiveName, source: OpenError) -> Error {
+        Error::Unreadable {
+            name: name.to_string(),
+            source,
+        }
+    }
+
+    /// The plaintext of `name`, fully authenticated, or None when it is not archived.
+    pub async fn fetch(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
+        let Some(bytes) = self.get_object(name).await? else {
+            return Ok(None);
         };
         let key = self.key.clone();
         let n = name.as_str().to_string();
         let opened = tokio::task::spawn_blocking(move || envelope::open(&n, &bytes, key.as_ref()))
             .await
             .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
-        opened.map(Some).map_err(|source| Error::Unreadable {
-            name: name.to_string(),
-            source,
+        opened.map(Some).map_err(|e| Self::unreadable(name, e))
+    }
+
+    /// Writes the plaintext of `name` into `file` (from offset 0) and returns its length, or
+    /// None when it is not archived. Memory stays at the stored object plus a chunk per core.
+    /// The file's content means nothing unless this returns Ok.
+    pub async fn fetch_into(
+        &self,
+        name: &ArchiveName,
+        file: std::fs::File,
+    ) -> Result<Option<u64>, Error> {
+        let Some(bytes) = self.get_object(name).await? else {
+            return Ok(None);
+        };
+        let key = self.key.clone();
+        let n = name.as_str().to_string();
+        let opened = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            envelope::open_into(&n, &bytes, key.as_ref(), &|at, data| {
+                file.write_all_at(data, at)
+            })
         })
+        .await
+        .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
+        opened.map(Some).map_err(|e| Self::unreadable(name, e))
     }
 
     /// The object's header (one small ranged read), or None when absent. The header is only

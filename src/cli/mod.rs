@@ -380,22 +380,38 @@ async fn push(settings: &Settings, path: &Path, name: Option<&str>) -> Result<()
 async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<(), Failure> {
     let name = parse_name(name)?;
     let archive = open_archive(settings, false)?;
-    let Some(data) = archive.fetch(&name).await? else {
+    let local = |e: std::io::Error| {
+        Failure::new(
+            exit::UNAVAILABLE,
+            format!("writing {}: {e}", dest.display()),
+        )
+    };
+    // Decoded straight into a temp file beside the destination; renamed into place only once
+    // every chunk authenticated and the data is on disk.
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".walfs-fetch-")
+        .tempfile_in(dir)
+        .map_err(local)?;
+    let out = tmp.as_file().try_clone().map_err(local)?;
+    if archive.fetch_into(&name, out).await?.is_none() {
         return Err(Failure::new(
             exit::ABSENT_OR_REFUSED,
             format!("{name} is not in the archive"),
         ));
-    };
-    let dest = dest.to_path_buf();
-    tokio::task::spawn_blocking(move || write_atomically(&dest, &data).map_err(|e| (dest, e)))
-        .await
-        .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("writing task failed: {e}")))?
-        .map_err(|(dest, e)| {
-            Failure::new(
-                exit::UNAVAILABLE,
-                format!("writing {}: {e}", dest.display()),
-            )
-        })
+    }
+    let dest_path = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        tmp.as_file().sync_all()?;
+        tmp.persist(&dest_path).map_err(|e| e.error)?;
+        sync_parent(&dest_path)
+    })
+    .await
+    .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("writing task failed: {e}")))?
+    .map_err(local)
 }
 
 async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure> {
@@ -471,21 +487,6 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     std::fs::File::open(dir)?.sync_all()
-}
-
-/// Writes `data` to `dest` so that `dest` is either absent/unchanged or complete and durable.
-fn write_atomically(dest: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = match dest.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".walfs-fetch-")
-        .tempfile_in(dir)?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(dest).map_err(|e| e.error)?;
-    sync_parent(dest)
 }
 
 #[derive(serde::Serialize)]
