@@ -167,6 +167,23 @@ fn archive_dir_name(url: &str) -> String {
     hex::encode(&Sha256::digest(url.as_bytes())[..8])
 }
 
+/// The files in a local directory that carry archive names, sorted (others are ignored).
+pub fn archive_names_in(dir: &Path) -> Vec<ArchiveName> {
+    let mut v: Vec<ArchiveName> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| ArchiveName::parse(n).ok())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 fn reset_dir(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
@@ -231,30 +248,29 @@ impl Cache {
         dir.join(format!("{name}.{n}"))
     }
 
-    /// A new spool file for a write through the mount.
-    pub fn new_spool_file(&self, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
-        let path = self.unique(&self.writes_dir, name);
+    /// A new, uniquely named file for `name` in `dir`.
+    fn new_file(&self, dir: &Path, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
+        let path = self.unique(dir, name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)?;
         Ok((file, path))
+    }
+
+    /// A new spool file for a write through the mount.
+    pub fn new_spool_file(&self, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
+        self.new_file(&self.writes_dir, name)
+    }
+
+    fn new_plain_file(&self, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
+        self.new_file(&self.plain_dir, name)
     }
 
     /// Lands verified plaintext in the cache. The file is unlinked at once and kept only
     /// through its descriptor, so eviction, crashes and restarts never leave bytes behind
     /// that no index knows of.
-    fn new_plain_file(&self, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
-        let path = self.unique(&self.plain_dir, name);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok((file, path))
-    }
-
     fn land(&self, name: &ArchiveName, data: &[u8]) -> io::Result<Arc<CachedFile>> {
         let (file, path) = self.new_plain_file(name)?;
         let written = file.write_all_at(data, 0);
@@ -371,19 +387,7 @@ impl Cache {
 
     /// Names received but not yet uploaded (few: the uploader drains them).
     pub fn spooled_names(&self) -> Vec<ArchiveName> {
-        let mut v: Vec<ArchiveName> = std::fs::read_dir(self.spool.join("ready"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_str()
-                            .and_then(|n| ArchiveName::parse(n).ok())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        archive_names_in(&self.spool.join("ready"))
     }
 
     async fn open_segment(

@@ -900,6 +900,18 @@ impl S3Server {
         .collect()
     }
 
+    /// [`env`](Self::env) with the endpoint pointed at `proxy` (which forwards to this server),
+    /// so tests can cut or slow the path to the store.
+    pub fn env_through(&self, proxy: &FaultProxy) -> Vec<(String, String)> {
+        let mut env = self.env();
+        for (k, v) in env.iter_mut() {
+            if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
+                *v = proxy.endpoint();
+            }
+        }
+        env
+    }
+
     /// Creates a bucket (`PUT /<name>`); panics unless the server answers 200.
     pub fn create_bucket(&self, name: &str) {
         let (status, body) =

@@ -302,12 +302,7 @@ fn a_failing_store_fails_the_cp_and_archives_nothing() {
     let s3 = S3Server::start();
     s3.create_bucket("wal");
     let proxy = FaultProxy::start(s3.port());
-    let mut env = s3.env();
-    for (k, v) in env.iter_mut() {
-        if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
-            *v = proxy.endpoint();
-        }
-    }
+    let mut env = s3.env_through(&proxy);
     env.push(("WALFS_RETRY_TIMEOUT".into(), "3s".into()));
     let args = vec!["--archive".to_string(), "s3://wal/p".to_string()];
     let mount = WalfsMount::start(scratch.path(), &args, &env);
@@ -439,12 +434,7 @@ fn an_unreachable_store_is_an_error_on_reads_never_absence() {
     let s3 = S3Server::start();
     s3.create_bucket("wal");
     let proxy = FaultProxy::start(s3.port());
-    let mut env = s3.env();
-    for (k, v) in env.iter_mut() {
-        if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
-            *v = proxy.endpoint();
-        }
-    }
+    let mut env = s3.env_through(&proxy);
     env.push(("WALFS_RETRY_TIMEOUT".into(), "2s".into()));
     let args = vec!["--archive".to_string(), "s3://wal/p".to_string()];
     // Archived by another host: nothing of it is cached by this mount.

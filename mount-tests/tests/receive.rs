@@ -425,12 +425,7 @@ fn the_mount_shows_what_the_receiver_spooled() {
     let s3 = S3Server::start();
     s3.create_bucket("wal");
     let proxy = FaultProxy::start(s3.port());
-    let mut env = s3.env();
-    for (k, v) in env.iter_mut() {
-        if k == "AWS_ENDPOINT" || k == "AWS_ENDPOINT_URL" {
-            *v = proxy.endpoint();
-        }
-    }
+    let mut env = s3.env_through(&proxy);
     env.push(("WALFS_RETRY_TIMEOUT".into(), "2s".into()));
     let url = "s3://wal/p";
     let mut r = Receiver::with_url(scratch.path(), url, &env, &pg.conninfo(), &[]);

@@ -90,21 +90,8 @@ impl Spool {
         Ok(Spool { current, ready })
     }
 
-    /// Names in a spool directory that are archive names, sorted.
     fn names(dir: &Path) -> Vec<ArchiveName> {
-        let mut v: Vec<ArchiveName> = std::fs::read_dir(dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_str()
-                            .and_then(|n| ArchiveName::parse(n).ok())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        crate::cache::archive_names_in(dir)
     }
 
     /// Files waiting for upload, oldest first (history files before the segments after them).
