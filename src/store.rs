@@ -81,6 +81,10 @@ pub enum Error {
         op: String,
         source: object_store::Error,
     },
+    /// Writing the opened file failed locally (full disk, I/O error): nothing is wrong with
+    /// the archived object.
+    #[error("{name}: writing the restored file: {why}")]
+    Output { name: String, why: String },
     /// A write was answered "not found": the bucket or container does not exist.
     #[error("{op}: the bucket or container of {url} does not exist")]
     MissingContainer { op: String, url: String },
@@ -397,9 +401,15 @@ impl Archive {
     }
 
     fn unreadable(name: &ArchiveName, source: OpenError) -> Error {
-        Error::Unreadable {
-            name: name.to_string(),
-            source,
+        match source {
+            OpenError::Output(why) => Error::Output {
+                name: name.to_string(),
+                why,
+            },
+            source => Error::Unreadable {
+                name: name.to_string(),
+                source,
+            },
         }
     }
 

@@ -202,7 +202,7 @@ impl From<StoreError> for Failure {
             | StoreError::MissingContainer { .. } => exit::USAGE,
             StoreError::Refused { .. } | StoreError::Conflict { .. } => exit::ABSENT_OR_REFUSED,
             StoreError::Unreadable { .. } => exit::DAMAGED,
-            StoreError::Backend { .. } => exit::UNAVAILABLE,
+            StoreError::Backend { .. } | StoreError::Output { .. } => exit::UNAVAILABLE,
         };
         Failure::new(code, e.to_string())
     }
