@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod fs;
+pub mod ops;
 pub mod readahead;
 pub mod receive;
 pub mod store;

@@ -522,3 +522,60 @@ fn postgres_archives_and_recovers_through_push_and_fetch() {
         "recovery did not use the archive:\n{log}"
     );
 }
+
+#[test]
+fn verify_finds_gaps_and_damage() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-verify");
+    let archive = scratch.path().join("archive");
+    let t = Target::local(&archive, None);
+    for name in &wal.segments[..8] {
+        assert_code(&t.push(&wal.path(name)), 0, "push");
+    }
+    let out = run(&mut t.walfs(&["verify"]));
+    assert_code(&out, 0, "verify of a whole archive");
+    assert!(stdout_str(&out).contains(&format!(
+        "present {} .. {}",
+        wal.segments[0], wal.segments[7]
+    )));
+    // A gap: one segment gone.
+    let gone = &wal.segments[3];
+    std::fs::remove_file(archive.join("wal").join(gone)).unwrap();
+    let out = run(&mut t.walfs(&["verify"]));
+    assert_code(&out, 1, "verify with a gap");
+    assert!(
+        stdout_str(&out).contains(&format!("MISSING {gone}")),
+        "{}",
+        stdout_str(&out)
+    );
+    let json = stdout_str(&run(&mut t.walfs(&["verify", "--json"])));
+    assert!(
+        json.contains("\"gaps\"") && json.contains(gone.as_str()),
+        "{json}"
+    );
+    // Bounds that leave the gap out.
+    let out = run(&mut t.walfs(&[
+        "verify",
+        "--from",
+        &wal.segments[4],
+        "--to",
+        &wal.segments[7],
+    ]));
+    assert_code(&out, 0, "verify past the gap");
+    // Damage is only seen when objects are opened.
+    let hurt = &wal.segments[5];
+    let obj = archive.join("wal").join(hurt);
+    let mut b = std::fs::read(&obj).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 4;
+    std::fs::write(&obj, b).unwrap();
+    let out = run(&mut t.walfs(&["verify", "--from", &wal.segments[4]]));
+    assert_code(&out, 0, "shallow verify does not open objects");
+    let out = run(&mut t.walfs(&["verify", "--deep"]));
+    assert_code(&out, 4, "deep verify with a damaged object");
+    assert!(
+        stdout_str(&out).contains(&format!("DAMAGED {hurt}")),
+        "{}",
+        stdout_str(&out)
+    );
+}

@@ -128,6 +128,25 @@ fn pitr_and_timelines(scratch: &Path, args: &[String], env: &[(String, String)])
         "{log}"
     );
     third.stop();
+    // The archive is whole across both timelines.
+    let mut verify = Command::new(walfs_bin());
+    verify
+        .env("WALFS_CONFIG", "/dev/null")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .arg("verify");
+    let out = run(&mut verify);
+    assert!(
+        out.status.success(),
+        "verify: {}\n{}",
+        stdout_str(&out),
+        stderr_str(&out)
+    );
+    assert!(
+        stdout_str(&out).contains("timeline 2 (forked from timeline 1"),
+        "{}",
+        stdout_str(&out)
+    );
     drop(mount);
 }
 

@@ -96,6 +96,22 @@ enum Command {
     /// Stream WAL from a server over replication (pg_receivewal semantics) into the spool and
     /// the archive; runs until SIGINT or SIGTERM
     Receive(ReceiveArgs),
+    /// Check the archive: per timeline the ranges present and every gap; --deep also opens
+    /// and authenticates every object. Exit 0 whole, 1 gaps, 4 damaged
+    Verify {
+        /// First segment to consider
+        #[arg(long, value_name = "SEGMENT")]
+        from: Option<String>,
+        /// Last segment to consider
+        #[arg(long, value_name = "SEGMENT")]
+        to: Option<String>,
+        /// Open and authenticate every object (downloads the whole archive)
+        #[arg(long)]
+        deep: bool,
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Read-ahead and cache counters of a running (or the last) mount of this archive
     Status {
         /// The raw JSON
@@ -273,6 +289,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ls { json } => ls(&settings, json).await,
         Command::Mount(args) => mount::run(&settings, &args).await,
         Command::Status { json } => status(&settings, json),
+        Command::Verify {
+            from,
+            to,
+            deep,
+            json,
+        } => verify(&settings, from.as_deref(), to.as_deref(), deep, json).await,
         Command::Receive(args) => receive(&settings, &args).await,
     }
 }
@@ -453,6 +475,81 @@ async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure>
         .run(rx)
         .await
         .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))
+}
+
+async fn verify(
+    settings: &Settings,
+    from: Option<&str>,
+    to: Option<&str>,
+    deep: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let archive = open_archive(settings, false)?;
+    let size = archive.require_identity().await?.segment_size()?;
+    let segno = |s: &str| -> Result<u64, Failure> {
+        let name = parse_name(s)?;
+        match name.segment(size) {
+            Ok(Some(id)) => Ok(id.segno),
+            _ => Err(Failure::new(
+                exit::USAGE,
+                format!("{s} is not a segment name"),
+            )),
+        }
+    };
+    let from = from.map(segno).transpose()?;
+    let to = to.map(segno).transpose()?;
+    let report = crate::ops::verify(&archive, deep, from, to, 4).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?
+        );
+    } else {
+        for t in &report.timelines {
+            let fork = t
+                .forked_from
+                .as_ref()
+                .map(|(p, lsn)| format!(" (forked from timeline {p} at {lsn})"))
+                .unwrap_or_default();
+            println!("timeline {}{fork}: {} segments", t.timeline, t.segments);
+            for (a, b) in &t.ranges {
+                println!("  present {a} .. {b}");
+            }
+            for g in &t.gaps {
+                println!("  MISSING {g}");
+            }
+        }
+        if deep {
+            println!("{} objects opened", report.checked);
+            for d in &report.damaged {
+                println!("  DAMAGED {d}");
+            }
+        }
+    }
+    let gaps: usize = report.timelines.iter().map(|t| t.gaps.len()).sum();
+    if !report.damaged.is_empty() {
+        return Err(Failure::new(
+            exit::DAMAGED,
+            format!(
+                "{} damaged objects, {gaps} missing segments",
+                report.damaged.len()
+            ),
+        ));
+    }
+    if gaps > 0 {
+        return Err(Failure::new(
+            exit::ABSENT_OR_REFUSED,
+            format!("{gaps} missing segments"),
+        ));
+    }
+    if !json {
+        println!(
+            "whole: no gaps{}",
+            if deep { ", every object opens" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
