@@ -516,7 +516,8 @@ impl ReplicationConn {
         };
         match msg {
             Msg::Backend(backend::Message::CopyData(body)) => {
-                let mut d = Bytes::copy_from_slice(body.data());
+                // The message's own buffer: WAL is not copied again on its way to the file.
+                let mut d = body.into_bytes();
                 if d.is_empty() {
                     return Err(ConnError::Protocol("empty CopyData".into()));
                 }

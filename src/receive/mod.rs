@@ -289,7 +289,6 @@ pub struct Receiver {
     archive: Arc<Archive>,
     opts: ReceiveOptions,
     spool: Arc<Spool>,
-    uploaded: Arc<Notify>,
     ready: Arc<Notify>,
 }
 
@@ -304,7 +303,6 @@ impl Receiver {
             archive,
             opts,
             spool,
-            uploaded: Arc::new(Notify::new()),
             ready: Arc::new(Notify::new()),
         })
     }
@@ -318,7 +316,6 @@ impl Receiver {
             self.archive.clone(),
             self.spool.clone(),
             self.ready.clone(),
-            self.uploaded.clone(),
             uploader_stop,
         ));
         let mut backoff = Duration::from_millis(500);
@@ -634,7 +631,6 @@ async fn upload_loop(
     archive: Arc<Archive>,
     spool: Arc<Spool>,
     ready: Arc<Notify>,
-    uploaded: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(500);
@@ -671,7 +667,6 @@ async fn upload_loop(
                             let _ = archive.delete_partial(&p).await;
                         }
                     }
-                    uploaded.notify_waiters();
                 }
                 Err(e) => {
                     tracing::warn!(%name, error = %e, retry_in = ?backoff, "upload failed; the file stays in the spool");
