@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod assets;
 mod mount;
 
 /// Exit codes. PostgreSQL reads any non-zero restore_command status as "not available", so
@@ -124,6 +125,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write man pages (DIR/man) and shell completions (DIR/completions), for packages
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -277,13 +281,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         retry_timeout: g.retry_timeout,
         cache_size: g.cache_size,
     };
-    if let Command::Keygen { path } = &cli.command {
-        return keygen(path);
+    match &cli.command {
+        Command::Keygen { path } => return keygen(path),
+        Command::GenerateAssets { dir } => return assets::generate(dir),
+        _ => {}
     }
     let settings =
         Settings::resolve(&overrides).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     match cli.command {
-        Command::Keygen { .. } => Ok(()),
+        Command::Keygen { .. } | Command::GenerateAssets { .. } => Ok(()),
         Command::Push { path, name } => push(&settings, &path, name.as_deref()).await,
         Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
         Command::Ls { json } => ls(&settings, json).await,
@@ -469,6 +475,7 @@ async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure>
             _ = term.recv() => {}
         }
         tracing::info!("stopping: flushing and uploading what is spooled");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = tx.send(true);
     });
     receiver

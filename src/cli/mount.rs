@@ -180,6 +180,11 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         usage(format!("mounting {}: {e}{hint}", mountpoint.display()))
     })?;
     tracing::warn!(archive = archive.url(), mountpoint = %mountpoint.display(), "mounted");
+    // systemd (Type=notify): PostgreSQL units ordered after this one start only now.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("mounted at {}", mountpoint.display())),
+    ]);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("signal handler: {e}")))?;
@@ -203,6 +208,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         }
     };
     tracing::warn!(mountpoint = %mountpoint.display(), reason, "unmounting");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = cache.write_stats();
     tracing::info!(stats = %cache.stats().to_json(), "read-ahead");
     let mp = mountpoint.clone();

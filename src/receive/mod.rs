@@ -329,6 +329,9 @@ impl Receiver {
                         backoff = Duration::from_millis(500);
                     }
                     tracing::warn!(error = %e, retry_in = ?backoff, "streaming stopped; reconnecting");
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
+                        "reconnecting: {e}"
+                    ))]);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => break Ok(()),
@@ -481,6 +484,11 @@ impl Receiver {
             .start_position(&mut conn, size, server_tli, server_pos)
             .await?;
         tracing::info!(server = %self.opts.conn.describe(), system_id, timeline = tli, start = %start, "streaming");
+        // systemd (Type=notify): ready once streaming; repeated after a reconnect, harmless.
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("streaming timeline {tli} from {start}")),
+        ]);
         loop {
             self.ensure_history(&mut conn, tli).await?;
             let slot = self
