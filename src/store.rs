@@ -9,6 +9,7 @@
 //! ```
 
 use crate::envelope::{self, Header, Key, OpenError, SealOptions, HEADER_LEN};
+use crate::telemetry;
 use crate::wal::{self, ArchiveName, FileKind, SegmentSize};
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -16,7 +17,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 const IDENTITY_OBJECT: &str = "walfs.json";
@@ -97,6 +98,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Config(_) | Error::MissingContainer { .. } | Error::NoArchive(_) => "config",
+            Error::Refused { .. } => "refused",
+            Error::Conflict { .. } => "conflict",
+            Error::Unreadable { .. } => "damaged",
+            Error::Backend { .. } => "backend",
+            Error::Output { .. } => "local",
+        }
+    }
+
     fn backend(op: impl Into<String>, source: object_store::Error) -> Error {
         Error::Backend {
             op: op.into(),
@@ -115,6 +128,14 @@ impl Archive {
             },
             source => Error::backend(op, source),
         }
+    }
+}
+
+/// Counts an archive operation (or its failure, by kind) in the metrics.
+fn record<T>(op: &'static str, began: Instant, plain: u64, r: &Result<T, Error>) {
+    match r {
+        Ok(_) => telemetry::archive_op(op, began.elapsed().as_secs_f64(), plain),
+        Err(e) => telemetry::archive_error(op, e.kind()),
     }
 }
 
@@ -301,6 +322,17 @@ impl Archive {
     /// Archives `data` under `name`. Returns only once the backend confirmed a durable write,
     /// or the identical content is already archived and still opens.
     pub async fn push(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
+        let began = Instant::now();
+        let plain = data.len() as u64;
+        let r = self.push_inner(name, data).await;
+        if let Ok(PushOutcome::Stored { stored_bytes }) = &r {
+            telemetry::archive_stored("push", *stored_bytes);
+        }
+        record("push", began, plain, &r);
+        r
+    }
+
+    async fn push_inner(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
         if matches!(name.kind(), FileKind::Segment | FileKind::Partial) {
             self.check_wal_content(name, &data).await?;
         }
@@ -387,11 +419,14 @@ impl Archive {
     async fn get_object(&self, name: &ArchiveName) -> Result<Option<Bytes>, Error> {
         let path = self.object_path(name);
         match self.store.get(&path).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .map(Some)
-                .map_err(|e| Error::backend(format!("downloading {name}"), e)),
+            Ok(r) => {
+                let bytes = r
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::backend(format!("downloading {name}"), e))?;
+                telemetry::archive_stored("fetch", bytes.len() as u64);
+                Ok(Some(bytes))
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 self.require_identity().await?;
                 Ok(None)
@@ -415,6 +450,18 @@ impl Archive {
 
     /// The plaintext of `name`, fully authenticated, or None when it is not archived.
     pub async fn fetch(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
+        let began = Instant::now();
+        let r = self.fetch_inner(name).await;
+        let plain = r
+            .as_ref()
+            .ok()
+            .and_then(|d| d.as_ref())
+            .map_or(0, |d| d.len() as u64);
+        record("fetch", began, plain, &r);
+        r
+    }
+
+    async fn fetch_inner(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
         let Some(bytes) = self.get_object(name).await? else {
             return Ok(None);
         };
@@ -430,6 +477,22 @@ impl Archive {
     /// None when it is not archived. Memory stays at the stored object plus a chunk per core.
     /// The file's content means nothing unless this returns Ok.
     pub async fn fetch_into(
+        &self,
+        name: &ArchiveName,
+        file: std::fs::File,
+    ) -> Result<Option<u64>, Error> {
+        let began = Instant::now();
+        let r = self.fetch_into_inner(name, file).await;
+        record(
+            "fetch",
+            began,
+            r.as_ref().ok().copied().flatten().unwrap_or(0),
+            &r,
+        );
+        r
+    }
+
+    async fn fetch_into_inner(
         &self,
         name: &ArchiveName,
         file: std::fs::File,
@@ -525,6 +588,30 @@ impl Archive {
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(Error::backend(format!("deleting {name}"), e)),
         }
+    }
+
+    /// Deletes `names` in the order given, `concurrency` at a time (the backend batches where
+    /// it can); names already gone count as deleted. Returns how many were deleted. Stops at
+    /// the first other error: what was deleted before it stays deleted.
+    pub async fn delete_many(
+        &self,
+        names: &[ArchiveName],
+        concurrency: usize,
+    ) -> Result<u64, Error> {
+        let paths: Vec<Path> = names.iter().map(|n| self.object_path(n)).collect();
+        let mut done = 0u64;
+        for chunk in paths.chunks(concurrency.max(1)) {
+            let batch: Vec<Path> = chunk.to_vec();
+            let locations = futures::stream::iter(batch.into_iter().map(Ok)).boxed();
+            let mut results = self.store.delete_stream(locations);
+            while let Some(r) = results.next().await {
+                match r {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => done += 1,
+                    Err(e) => return Err(Error::backend("deleting from the archive", e)),
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Every archived file, page by page from the backend (memory stays flat whatever the

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 mod mount;
+mod observe;
 pub use mount::{is_mounted, FaultProxy, WalfsMount};
+pub use observe::{metric, scrape, NotifySocket};
 
 /// The OS user PostgreSQL runs as (Debian's packages create it).
 pub const PG_USER: &str = "postgres";

@@ -142,6 +142,9 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     };
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     check_fuse()?;
+    if let Some(addr) = args.metrics_addr {
+        crate::telemetry::serve_metrics(addr).map_err(usage)?;
+    }
     let archive = Arc::new(open_archive(settings, !args.read_only)?);
     match archive.probe().await {
         Ok(()) => {}
@@ -199,7 +202,8 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
                     break "unmounted from outside";
                 }
                 ticks += 1;
-                if ticks % 8 == 0 {
+                if ticks % 4 == 0 {
+                    cache.publish_metrics();
                     if let Err(e) = cache.write_stats() {
                         tracing::debug!(error = %e, "writing stats.json failed");
                     }
