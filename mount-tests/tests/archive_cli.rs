@@ -57,12 +57,6 @@ impl Target {
     }
 }
 
-fn keygen(dir: &Path) -> PathBuf {
-    let key = dir.join("key");
-    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
-    key
-}
-
 fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
 }

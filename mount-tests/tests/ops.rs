@@ -6,23 +6,6 @@ use std::process::{Command, Output};
 use std::time::Duration;
 use walfs_mount_tests::*;
 
-fn keygen(dir: &Path) -> PathBuf {
-    let key = dir.join("key");
-    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
-    key
-}
-
-fn archive_args(archive: &Path, key: Option<&Path>) -> Vec<String> {
-    let mut a = vec![
-        "--archive".to_string(),
-        format!("file://{}", archive.display()),
-    ];
-    if let Some(k) = key {
-        a.extend(["--key-file".to_string(), k.display().to_string()]);
-    }
-    a
-}
-
 /// `walfs ARGS… MORE…`, isolated from any system config.
 fn walfs(args: &[String], more: &[&str]) -> Output {
     run(Command::new(walfs_bin())
@@ -61,7 +44,7 @@ fn stored(archive: &Path) -> Vec<String> {
 fn imported(scratch: &Path, key: Option<&Path>) -> (&'static WalFixture, PathBuf, Vec<String>) {
     let wal = real_wal(1, 8);
     let archive = scratch.join("archive");
-    let args = archive_args(&archive, key);
+    let args = local_args(&archive, key);
     let dir = wal.dir.display().to_string();
     assert_code(&walfs(&args, &["import", &dir]), 0, "import");
     (wal, archive, args)
@@ -73,7 +56,7 @@ fn import_loads_a_plain_archive_resumably_and_refuses_conflicts() {
     let scratch = scratch_dir("ops-import");
     let key = keygen(scratch.path());
     let archive = scratch.path().join("archive");
-    let args = archive_args(&archive, Some(&key));
+    let args = local_args(&archive, Some(&key));
     // A plain archive directory as `cp %p DIR/%f` leaves it, with some clutter.
     let plain = scratch.path().join("plain");
     std::fs::create_dir_all(plain.join("archive_status")).unwrap();
@@ -292,7 +275,7 @@ fn status_summarises_the_archive() {
         stdout_str(&out)
     );
     // No archive there: exit 2 and says so.
-    let none = archive_args(&scratch.path().join("nothing"), None);
+    let none = local_args(&scratch.path().join("nothing"), None);
     let out = walfs(&none, &["status"]);
     assert_code(&out, 2, "status of a missing archive");
 }
