@@ -131,6 +131,26 @@ impl Archive {
     }
 }
 
+/// A failed listing. "Not found" means the bucket or container is missing: object stores say
+/// so with a status (S3) or only in the error body (Azure's `ContainerNotFound`).
+fn list_error(url: &str, e: object_store::Error) -> Error {
+    let missing = match &e {
+        object_store::Error::NotFound { .. } => true,
+        other => {
+            let text = other.to_string();
+            text.contains("ContainerNotFound") || text.contains("NoSuchBucket")
+        }
+    };
+    if missing {
+        Error::MissingContainer {
+            op: "listing the archive".into(),
+            url: url.to_string(),
+        }
+    } else {
+        Error::backend(format!("listing {url}"), e)
+    }
+}
+
 /// Counts an archive operation (or its failure, by kind) in the metrics.
 fn record<T>(op: &'static str, began: Instant, plain: u64, r: &Result<T, Error>) {
     match r {
@@ -569,11 +589,7 @@ impl Archive {
         let mut first = self.store.list(Some(&dir));
         match first.next().await {
             None | Some(Ok(_)) => Ok(()),
-            Some(Err(object_store::Error::NotFound { .. })) => Err(Error::MissingContainer {
-                op: "listing the archive".into(),
-                url: self.url.clone(),
-            }),
-            Some(Err(e)) => Err(Error::backend(format!("listing {}", self.url), e)),
+            Some(Err(e)) => Err(list_error(&self.url, e)),
         }
     }
 
@@ -625,7 +641,8 @@ impl Archive {
                 .list_with_offset(Some(&dir), &self.object_path(a)),
             None => self.store.list(Some(&dir)),
         };
-        raw.map_err(|e| Error::backend("listing the archive", e))
+        let url = self.url.clone();
+        raw.map_err(move |e| list_error(&url, e))
             .try_filter_map(|meta| async move {
                 let Some(file) = meta.location.filename() else {
                     return Ok(None);

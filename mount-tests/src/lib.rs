@@ -32,8 +32,10 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+mod azure;
 mod mount;
 mod observe;
+pub use azure::AzuriteServer;
 pub use mount::{is_mounted, FaultProxy, WalfsMount};
 pub use observe::{metric, scrape, NotifySocket};
 
