@@ -576,6 +576,11 @@ impl Cache {
         &self.stats
     }
 
+    /// Lets the index finish its pending bookkeeping, so sizes and counts are current.
+    pub async fn settle(&self) {
+        self.files.run_pending_tasks().await;
+    }
+
     /// Copies the counters into the metrics (`--metrics-addr`).
     pub fn publish_metrics(&self) {
         use crate::telemetry::{set_counter, set_gauge};
@@ -593,9 +598,11 @@ impl Cache {
         crate::telemetry::tick();
     }
 
-    /// Writes the counters to `stats.json` (atomically) for `walfs status`.
-    pub fn write_stats(&self) -> io::Result<()> {
+    /// Writes the counters to `stats.json` (atomically) for `walfs status`; `stopped` on the
+    /// way out, so status does not mistake a recent file for a live mount.
+    pub fn write_stats(&self, stopped: bool) -> io::Result<()> {
         let mut v = self.stats.to_json();
+        v["stopped"] = stopped.into();
         v["archive"] = self.archive.url().into();
         v["pid"] = std::process::id().into();
         v["cache_files"] = self.files.entry_count().into();

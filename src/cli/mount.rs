@@ -203,8 +203,9 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
                 }
                 ticks += 1;
                 if ticks % 4 == 0 {
+                    cache.settle().await;
                     cache.publish_metrics();
-                    if let Err(e) = cache.write_stats() {
+                    if let Err(e) = cache.write_stats(false) {
                         tracing::debug!(error = %e, "writing stats.json failed");
                     }
                 }
@@ -213,7 +214,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     };
     tracing::warn!(mountpoint = %mountpoint.display(), reason, "unmounting");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = cache.write_stats();
+    let _ = cache.write_stats(true);
     tracing::info!(stats = %cache.stats().to_json(), "read-ahead");
     let mp = mountpoint.clone();
     let result = tokio::task::spawn_blocking(move || session.umount_and_join())

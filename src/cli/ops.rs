@@ -256,7 +256,8 @@ fn daemon_state(path: &Path) -> Option<serde_json::Value> {
     let age = v["updated"]
         .as_u64()
         .map(|u| (crate::telemetry::now_secs() - u as f64).max(0.0));
-    v["running"] = (alive && age.is_some_and(|a| a < 10.0)).into();
+    let stopped = v["stopped"].as_bool().unwrap_or(false);
+    v["running"] = (alive && !stopped && age.is_some_and(|a| a < 10.0)).into();
     v["updated_seconds_ago"] = age.map(|a| a.round()).into();
     Some(v)
 }
@@ -327,6 +328,8 @@ pub(super) async fn status(settings: &Settings, json: bool) -> Result<(), Failur
                 .unwrap_or_default();
             if running {
                 format!("running (pid {pid})")
+            } else if v["stopped"].as_bool().unwrap_or(false) {
+                format!("stopped (pid {pid}, {seen})")
             } else {
                 format!("not running (pid {pid} last seen {seen})")
             }

@@ -460,8 +460,9 @@ impl Receiver {
         // Give the uploader a moment to drain; what is left stays durable in the spool.
         let _ = tokio::time::timeout(Duration::from_secs(10), uploader).await;
         publisher.abort();
-        let _ =
-            crate::telemetry::write_state(&self.state_path(), &self.progress.snapshot(&self.spool));
+        let mut last = self.progress.snapshot(&self.spool);
+        last["stopped"] = true.into();
+        let _ = crate::telemetry::write_state(&self.state_path(), &last);
         result
     }
 
