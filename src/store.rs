@@ -732,15 +732,21 @@ mod backend {
         }
     }
 
+    /// Per-request timeouts, set as config keys so the client settings the environment gives
+    /// (proxies, `*_ALLOW_HTTP`, certificates) are kept.
     #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
-    fn client_options(cfg: &StoreConfig) -> object_store::ClientOptions {
+    fn client_timeouts(cfg: &StoreConfig) -> [(object_store::ClientConfigKey, String); 2] {
         let attempt = cfg.retry_timeout.clamp(
             std::time::Duration::from_secs(5),
             std::time::Duration::from_secs(60),
         );
-        object_store::ClientOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_timeout(attempt)
+        [
+            (object_store::ClientConfigKey::ConnectTimeout, "5s".to_string()),
+            (
+                object_store::ClientConfigKey::Timeout,
+                format!("{}ms", attempt.as_millis()),
+            ),
+        ]
     }
 
     #[cfg(not(all(feature = "s3", feature = "gcs", feature = "azure")))]
@@ -753,10 +759,13 @@ mod backend {
     #[cfg(feature = "s3")]
     fn s3(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
         use object_store::aws::AmazonS3Builder;
+        use object_store::aws::AmazonS3ConfigKey;
         let mut b = AmazonS3Builder::from_env()
             .with_url(url.as_str())
-            .with_retry(retry(cfg))
-            .with_client_options(client_options(cfg));
+            .with_retry(retry(cfg));
+        for (k, v) in client_timeouts(cfg) {
+            b = b.with_config(AmazonS3ConfigKey::Client(k), v);
+        }
         // An S3-compatible server on plain http (a local test server, a LAN appliance).
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
             .or_else(|_| std::env::var("AWS_ENDPOINT"))
@@ -776,11 +785,21 @@ mod backend {
 
     #[cfg(feature = "gcs")]
     fn gcs(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::gcp::GoogleCloudStorageBuilder;
-        let s = GoogleCloudStorageBuilder::from_env()
+        use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+        let mut b = GoogleCloudStorageBuilder::from_env()
             .with_url(url.as_str())
-            .with_retry(retry(cfg))
-            .with_client_options(client_options(cfg))
+            .with_retry(retry(cfg));
+        for (k, v) in client_timeouts(cfg) {
+            b = b.with_config(GoogleConfigKey::Client(k), v);
+        }
+        // A GCS-compatible server on plain http (a local emulator).
+        if std::env::var("GOOGLE_BASE_URL").is_ok_and(|u| u.starts_with("http://")) {
+            b = b.with_config(
+                GoogleConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
+                "true",
+            );
+        }
+        let s = b
             .build()
             .map_err(|e| Error::Config(format!("GCS archive {url}: {e}")))?;
         Ok(Arc::new(s))
@@ -792,11 +811,14 @@ mod backend {
 
     #[cfg(feature = "azure")]
     fn azure(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::azure::MicrosoftAzureBuilder;
-        let s = MicrosoftAzureBuilder::from_env()
+        use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+        let mut b = MicrosoftAzureBuilder::from_env()
             .with_url(url.as_str())
-            .with_retry(retry(cfg))
-            .with_client_options(client_options(cfg))
+            .with_retry(retry(cfg));
+        for (k, v) in client_timeouts(cfg) {
+            b = b.with_config(AzureConfigKey::Client(k), v);
+        }
+        let s = b
             .build()
             .map_err(|e| Error::Config(format!("Azure archive {url}: {e}")))?;
         Ok(Arc::new(s))
