@@ -167,6 +167,9 @@ fn archive_dir_name(url: &str) -> String {
     hex::encode(&Sha256::digest(url.as_bytes())[..8])
 }
 
+/// The receiver's state file in an archive's cache directory (the mount's is `stats.json`).
+pub const RECEIVE_STATE_FILE: &str = "receive.json";
+
 /// The files in a local directory that carry archive names, sorted (others are ignored).
 pub fn archive_names_in(dir: &Path) -> Vec<ArchiveName> {
     let mut v: Vec<ArchiveName> = std::fs::read_dir(dir)
@@ -573,9 +576,33 @@ impl Cache {
         &self.stats
     }
 
-    /// Writes the counters to `stats.json` (atomically) for `walfs status`.
-    pub fn write_stats(&self) -> io::Result<()> {
+    /// Lets the index finish its pending bookkeeping, so sizes and counts are current.
+    pub async fn settle(&self) {
+        self.files.run_pending_tasks().await;
+    }
+
+    /// Copies the counters into the metrics (`--metrics-addr`).
+    pub fn publish_metrics(&self) {
+        use crate::telemetry::{set_counter, set_gauge};
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let s = &self.stats;
+        set_counter("walfs_segment_opens_total", g(&s.requests));
+        set_counter("walfs_cache_hits_total", g(&s.hits));
+        set_counter("walfs_cache_joined_total", g(&s.joined));
+        set_counter("walfs_cache_misses_total", g(&s.misses));
+        set_counter("walfs_prefetch_segments_total", g(&s.prefetched));
+        set_counter("walfs_prefetch_wasted_total", g(&s.wasted));
+        set_gauge("walfs_read_stall_seconds", g(&s.stall_us) as f64 / 1e6);
+        set_gauge("walfs_cache_bytes", self.files.weighted_size() as f64);
+        set_gauge("walfs_cache_files", self.files.entry_count() as f64);
+        crate::telemetry::tick();
+    }
+
+    /// Writes the counters to `stats.json` (atomically) for `walfs status`; `stopped` on the
+    /// way out, so status does not mistake a recent file for a live mount.
+    pub fn write_stats(&self, stopped: bool) -> io::Result<()> {
         let mut v = self.stats.to_json();
+        v["stopped"] = stopped.into();
         v["archive"] = self.archive.url().into();
         v["pid"] = std::process::id().into();
         v["cache_files"] = self.files.entry_count().into();
@@ -584,9 +611,10 @@ impl Cache {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             .into();
-        let tmp = self.stats_path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&v).unwrap_or_default())?;
-        std::fs::rename(&tmp, &self.stats_path)
+        if let Some(t) = crate::telemetry::last_push() {
+            v["last_push"] = t.into();
+        }
+        crate::telemetry::write_state(&self.stats_path, &v)
     }
 
     /// The directory of the archive at `url` under `cache_dir` (plain/, writes/, spool/).

@@ -324,6 +324,7 @@ impl Filesystem for WalFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::telemetry::mount_request("lookup");
         // Odd names (editors' probes, `.Trash`) are simply absent.
         let Some(name) = parse_child(parent, name) else {
             return reply.error(Errno::ENOENT);
@@ -367,6 +368,7 @@ impl Filesystem for WalFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        crate::telemetry::mount_request("getattr");
         if ino.0 == ROOT {
             return reply.attr(&TTL_ROOT, &self.inner.root_attr());
         }
@@ -461,6 +463,7 @@ impl Filesystem for WalFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::telemetry::mount_request("unlink");
         let Some(name) = parse_child(parent, name) else {
             return reply.error(Errno::ENOENT);
         };
@@ -498,6 +501,7 @@ impl Filesystem for WalFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        crate::telemetry::mount_request("create");
         if self.inner.opts.read_only {
             return reply.error(Errno::EROFS);
         }
@@ -535,6 +539,7 @@ impl Filesystem for WalFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::telemetry::mount_request("open");
         let (name, writing) = {
             let st = self.inner.state();
             match st.nodes.get(&ino.0) {
@@ -642,6 +647,7 @@ impl Filesystem for WalFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        crate::telemetry::mount_request("read");
         let result = match self.inner.handle(fh).as_deref() {
             Some(Open::Read { file, .. }) => file.read_at(offset, size),
             Some(Open::Write { writer, .. }) => {
@@ -653,7 +659,10 @@ impl Filesystem for WalFs {
             _ => return reply.error(Errno::EBADF),
         };
         match result {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                crate::telemetry::mount_read(data.len());
+                reply.data(&data)
+            }
             Err(e) => reply.error(Errno::from(e)),
         }
     }
@@ -670,6 +679,7 @@ impl Filesystem for WalFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        crate::telemetry::mount_request("write");
         let writer = match self.inner.handle(fh).as_deref() {
             Some(Open::Write { writer, .. }) => writer.clone(),
             _ => return reply.error(Errno::EBADF),
@@ -684,6 +694,7 @@ impl Filesystem for WalFs {
                 w.len = w.len.max(end);
                 w.dirty = true;
                 w.version += 1;
+                crate::telemetry::mount_written(data.len());
                 reply.written(data.len() as u32);
             }
             Err(e) => reply.error(Errno::from(e)),
@@ -698,6 +709,7 @@ impl Filesystem for WalFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
+        crate::telemetry::mount_request("flush");
         match self.inner.handle(fh).as_deref() {
             Some(Open::Write { name, writer }) => {
                 self.archive_writer(name.clone(), writer.clone(), reply)
@@ -715,6 +727,7 @@ impl Filesystem for WalFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        crate::telemetry::mount_request("fsync");
         self.flush(_req, _ino, fh, LockOwner(0), reply)
     }
 
@@ -728,6 +741,7 @@ impl Filesystem for WalFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        crate::telemetry::mount_request("release");
         let mut st = self.inner.state();
         if let Some(open) = st.handles.remove(&fh.0) {
             if let Open::Read { ino, .. } = open.as_ref() {
@@ -779,6 +793,7 @@ impl Filesystem for WalFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
+        crate::telemetry::mount_request("readdir");
         let Some(open) = self.inner.handle(fh) else {
             return reply.error(Errno::EBADF);
         };

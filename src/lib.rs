@@ -12,4 +12,5 @@ pub mod ops;
 pub mod readahead;
 pub mod receive;
 pub mod store;
+pub mod telemetry;
 pub mod wal;

@@ -9,6 +9,7 @@
 //! ```
 
 use crate::envelope::{self, Header, Key, OpenError, SealOptions, HEADER_LEN};
+use crate::telemetry;
 use crate::wal::{self, ArchiveName, FileKind, SegmentSize};
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -16,7 +17,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 const IDENTITY_OBJECT: &str = "walfs.json";
@@ -97,6 +98,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Config(_) | Error::MissingContainer { .. } | Error::NoArchive(_) => "config",
+            Error::Refused { .. } => "refused",
+            Error::Conflict { .. } => "conflict",
+            Error::Unreadable { .. } => "damaged",
+            Error::Backend { .. } => "backend",
+            Error::Output { .. } => "local",
+        }
+    }
+
     fn backend(op: impl Into<String>, source: object_store::Error) -> Error {
         Error::Backend {
             op: op.into(),
@@ -115,6 +128,34 @@ impl Archive {
             },
             source => Error::backend(op, source),
         }
+    }
+}
+
+/// A failed listing. "Not found" means the bucket or container is missing: object stores say
+/// so with a status (S3) or only in the error body (Azure's `ContainerNotFound`).
+fn list_error(url: &str, e: object_store::Error) -> Error {
+    let missing = match &e {
+        object_store::Error::NotFound { .. } => true,
+        other => {
+            let text = other.to_string();
+            text.contains("ContainerNotFound") || text.contains("NoSuchBucket")
+        }
+    };
+    if missing {
+        Error::MissingContainer {
+            op: "listing the archive".into(),
+            url: url.to_string(),
+        }
+    } else {
+        Error::backend(format!("listing {url}"), e)
+    }
+}
+
+/// Counts an archive operation (or its failure, by kind) in the metrics.
+fn record<T>(op: &'static str, began: Instant, plain: u64, r: &Result<T, Error>) {
+    match r {
+        Ok(_) => telemetry::archive_op(op, began.elapsed().as_secs_f64(), plain),
+        Err(e) => telemetry::archive_error(op, e.kind()),
     }
 }
 
@@ -301,6 +342,17 @@ impl Archive {
     /// Archives `data` under `name`. Returns only once the backend confirmed a durable write,
     /// or the identical content is already archived and still opens.
     pub async fn push(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
+        let began = Instant::now();
+        let plain = data.len() as u64;
+        let r = self.push_inner(name, data).await;
+        if let Ok(PushOutcome::Stored { stored_bytes }) = &r {
+            telemetry::archive_stored("push", *stored_bytes);
+        }
+        record("push", began, plain, &r);
+        r
+    }
+
+    async fn push_inner(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
         if matches!(name.kind(), FileKind::Segment | FileKind::Partial) {
             self.check_wal_content(name, &data).await?;
         }
@@ -387,11 +439,14 @@ impl Archive {
     async fn get_object(&self, name: &ArchiveName) -> Result<Option<Bytes>, Error> {
         let path = self.object_path(name);
         match self.store.get(&path).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .map(Some)
-                .map_err(|e| Error::backend(format!("downloading {name}"), e)),
+            Ok(r) => {
+                let bytes = r
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::backend(format!("downloading {name}"), e))?;
+                telemetry::archive_stored("fetch", bytes.len() as u64);
+                Ok(Some(bytes))
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 self.require_identity().await?;
                 Ok(None)
@@ -415,6 +470,18 @@ impl Archive {
 
     /// The plaintext of `name`, fully authenticated, or None when it is not archived.
     pub async fn fetch(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
+        let began = Instant::now();
+        let r = self.fetch_inner(name).await;
+        let plain = r
+            .as_ref()
+            .ok()
+            .and_then(|d| d.as_ref())
+            .map_or(0, |d| d.len() as u64);
+        record("fetch", began, plain, &r);
+        r
+    }
+
+    async fn fetch_inner(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
         let Some(bytes) = self.get_object(name).await? else {
             return Ok(None);
         };
@@ -430,6 +497,22 @@ impl Archive {
     /// None when it is not archived. Memory stays at the stored object plus a chunk per core.
     /// The file's content means nothing unless this returns Ok.
     pub async fn fetch_into(
+        &self,
+        name: &ArchiveName,
+        file: std::fs::File,
+    ) -> Result<Option<u64>, Error> {
+        let began = Instant::now();
+        let r = self.fetch_into_inner(name, file).await;
+        record(
+            "fetch",
+            began,
+            r.as_ref().ok().copied().flatten().unwrap_or(0),
+            &r,
+        );
+        r
+    }
+
+    async fn fetch_into_inner(
         &self,
         name: &ArchiveName,
         file: std::fs::File,
@@ -506,11 +589,7 @@ impl Archive {
         let mut first = self.store.list(Some(&dir));
         match first.next().await {
             None | Some(Ok(_)) => Ok(()),
-            Some(Err(object_store::Error::NotFound { .. })) => Err(Error::MissingContainer {
-                op: "listing the archive".into(),
-                url: self.url.clone(),
-            }),
-            Some(Err(e)) => Err(Error::backend(format!("listing {}", self.url), e)),
+            Some(Err(e)) => Err(list_error(&self.url, e)),
         }
     }
 
@@ -527,6 +606,30 @@ impl Archive {
         }
     }
 
+    /// Deletes `names` in the order given, `concurrency` at a time (the backend batches where
+    /// it can); names already gone count as deleted. Returns how many were deleted. Stops at
+    /// the first other error: what was deleted before it stays deleted.
+    pub async fn delete_many(
+        &self,
+        names: &[ArchiveName],
+        concurrency: usize,
+    ) -> Result<u64, Error> {
+        let paths: Vec<Path> = names.iter().map(|n| self.object_path(n)).collect();
+        let mut done = 0u64;
+        for chunk in paths.chunks(concurrency.max(1)) {
+            let batch: Vec<Path> = chunk.to_vec();
+            let locations = futures::stream::iter(batch.into_iter().map(Ok)).boxed();
+            let mut results = self.store.delete_stream(locations);
+            while let Some(r) = results.next().await {
+                match r {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => done += 1,
+                    Err(e) => return Err(Error::backend("deleting from the archive", e)),
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// Every archived file, page by page from the backend (memory stays flat whatever the
     /// archive's size). `after` resumes a listing past a name. The order is the backend's:
     /// object stores list in name order, a local directory in directory order.
@@ -538,7 +641,8 @@ impl Archive {
                 .list_with_offset(Some(&dir), &self.object_path(a)),
             None => self.store.list(Some(&dir)),
         };
-        raw.map_err(|e| Error::backend("listing the archive", e))
+        let url = self.url.clone();
+        raw.map_err(move |e| list_error(&url, e))
             .try_filter_map(|meta| async move {
                 let Some(file) = meta.location.filename() else {
                     return Ok(None);
@@ -628,15 +732,21 @@ mod backend {
         }
     }
 
+    /// Per-request timeouts, set as config keys so the client settings the environment gives
+    /// (proxies, `*_ALLOW_HTTP`, certificates) are kept.
     #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
-    fn client_options(cfg: &StoreConfig) -> object_store::ClientOptions {
+    fn client_timeouts(cfg: &StoreConfig) -> [(object_store::ClientConfigKey, String); 2] {
         let attempt = cfg.retry_timeout.clamp(
             std::time::Duration::from_secs(5),
             std::time::Duration::from_secs(60),
         );
-        object_store::ClientOptions::new()
-            .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_timeout(attempt)
+        [
+            (object_store::ClientConfigKey::ConnectTimeout, "5s".to_string()),
+            (
+                object_store::ClientConfigKey::Timeout,
+                format!("{}ms", attempt.as_millis()),
+            ),
+        ]
     }
 
     #[cfg(not(all(feature = "s3", feature = "gcs", feature = "azure")))]
@@ -649,10 +759,13 @@ mod backend {
     #[cfg(feature = "s3")]
     fn s3(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
         use object_store::aws::AmazonS3Builder;
+        use object_store::aws::AmazonS3ConfigKey;
         let mut b = AmazonS3Builder::from_env()
             .with_url(url.as_str())
-            .with_retry(retry(cfg))
-            .with_client_options(client_options(cfg));
+            .with_retry(retry(cfg));
+        for (k, v) in client_timeouts(cfg) {
+            b = b.with_config(AmazonS3ConfigKey::Client(k), v);
+        }
         // An S3-compatible server on plain http (a local test server, a LAN appliance).
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
             .or_else(|_| std::env::var("AWS_ENDPOINT"))
@@ -672,11 +785,21 @@ mod backend {
 
     #[cfg(feature = "gcs")]
     fn gcs(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::gcp::GoogleCloudStorageBuilder;
-        let s = GoogleCloudStorageBuilder::from_env()
+        use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+        let mut b = GoogleCloudStorageBuilder::from_env()
             .with_url(url.as_str())
-            .with_retry(retry(cfg))
-            .with_client_options(client_options(cfg))
+            .with_retry(retry(cfg));
+        for (k, v) in client_timeouts(cfg) {
+            b = b.with_config(GoogleConfigKey::Client(k), v);
+        }
+        // A GCS-compatible server on plain http (a local emulator).
+        if std::env::var("GOOGLE_BASE_URL").is_ok_and(|u| u.starts_with("http://")) {
+            b = b.with_config(
+                GoogleConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
+                "true",
+            );
+        }
+        let s = b
             .build()
             .map_err(|e| Error::Config(format!("GCS archive {url}: {e}")))?;
         Ok(Arc::new(s))
@@ -688,11 +811,14 @@ mod backend {
 
     #[cfg(feature = "azure")]
     fn azure(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::azure::MicrosoftAzureBuilder;
-        let s = MicrosoftAzureBuilder::from_env()
+        use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+        let mut b = MicrosoftAzureBuilder::from_env()
             .with_url(url.as_str())
-            .with_retry(retry(cfg))
-            .with_client_options(client_options(cfg))
+            .with_retry(retry(cfg));
+        for (k, v) in client_timeouts(cfg) {
+            b = b.with_config(AzureConfigKey::Client(k), v);
+        }
+        let s = b
             .build()
             .map_err(|e| Error::Config(format!("Azure archive {url}: {e}")))?;
         Ok(Arc::new(s))

@@ -32,8 +32,12 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+mod azure;
 mod mount;
+mod observe;
+pub use azure::AzuriteServer;
 pub use mount::{is_mounted, FaultProxy, WalfsMount};
+pub use observe::{metric, scrape, NotifySocket};
 
 /// The OS user PostgreSQL runs as (Debian's packages create it).
 pub const PG_USER: &str = "postgres";
@@ -182,6 +186,26 @@ pub fn file_tail(path: &Path, lines: usize) -> String {
 // ---------------------------------------------------------------------------------------------------------
 // walfs binary and scratch space
 // ---------------------------------------------------------------------------------------------------------
+
+/// `walfs keygen DIR/key` (DIR created if needed): a new key file for a test archive.
+pub fn keygen(dir: &Path) -> PathBuf {
+    fs::create_dir_all(dir).expect("create the key directory");
+    let key = dir.join("key");
+    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
+    key
+}
+
+/// `--archive file://ARCHIVE [--key-file KEY]`.
+pub fn local_args(archive: &Path, key: Option<&Path>) -> Vec<String> {
+    let mut a = vec![
+        "--archive".to_string(),
+        format!("file://{}", archive.display()),
+    ];
+    if let Some(k) = key {
+        a.extend(["--key-file".to_string(), k.display().to_string()]);
+    }
+    a
+}
 
 /// Path of the `walfs` binary under test: `$WALFS_BIN` if set, else `walfs` in the cargo profile directory of
 /// the running test executable (integration tests run from `target/<profile>/deps/`, so that is

@@ -23,6 +23,19 @@ impl Target {
         }
     }
 
+    fn azure(
+        server: &AzuriteServer,
+        container: &str,
+        prefix: &str,
+        key: Option<PathBuf>,
+    ) -> Target {
+        Target {
+            url: format!("az://{container}/{prefix}"),
+            key,
+            env: server.env(),
+        }
+    }
+
     fn s3(server: &S3Server, bucket: &str, prefix: &str, key: Option<PathBuf>) -> Target {
         Target {
             url: format!("s3://{bucket}/{prefix}"),
@@ -55,12 +68,6 @@ impl Target {
     fn fetch(&self, name: &str, dest: &Path) -> Output {
         run(&mut self.walfs(&["fetch", name, dest.to_str().unwrap()]))
     }
-}
-
-fn keygen(dir: &Path) -> PathBuf {
-    let key = dir.join("key");
-    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
-    key
 }
 
 fn code(out: &Output) -> i32 {
@@ -236,6 +243,43 @@ fn racing_writers_one_wins_local_and_s3() {
     let s3 = S3Server::start();
     s3.create_bucket("race");
     race(&Target::s3(&s3, "race", "p", None), wal, scratch.path());
+}
+
+#[test]
+fn azure_blob_archive_round_trips_races_and_knows_a_missing_container() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-azure");
+    let az = AzuriteServer::start();
+    az.create_container("wal");
+    let key = keygen(&scratch.path().join("keys"));
+    round_trip(
+        &Target::azure(&az, "wal", "cluster-a", Some(key)),
+        wal,
+        scratch.path(),
+    );
+    let race_dir = scratch.path().join("race");
+    std::fs::create_dir_all(&race_dir).unwrap();
+    race(&Target::azure(&az, "wal", "race", None), wal, &race_dir);
+    // A container that does not exist: push, fetch and ls say so (exit 2), never "absent".
+    let t = Target::azure(&az, "no-such-container", "p", None);
+    let seg = &wal.segments[0];
+    let out = t.push(&wal.path(seg));
+    assert_code(&out, 2, "push into a missing container");
+    assert!(
+        stderr_str(&out).contains("does not exist"),
+        "{}",
+        stderr_str(&out)
+    );
+    let out = t.fetch(seg, &scratch.path().join("x"));
+    assert_code(&out, 2, "fetch from a missing container");
+    let out = run(&mut t.walfs(&["ls"]));
+    assert_code(&out, 2, "ls of a missing container");
+    assert!(
+        stderr_str(&out).contains("does not exist"),
+        "{}",
+        stderr_str(&out)
+    );
+    drop(az);
 }
 
 #[test]

@@ -2,28 +2,10 @@
 //! `cp %p MOUNT/%f` and recovering with `cp MOUNT/%f %p`, on a local archive and on a real
 //! S3-protocol server on 127.0.0.1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use walfs_mount_tests::*;
-
-fn keygen(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let key = dir.join("key");
-    sh_ok(Command::new(walfs_bin()).arg("keygen").arg(&key));
-    key
-}
-
-fn local_args(archive: &Path, key: Option<&Path>) -> Vec<String> {
-    let mut a = vec![
-        "--archive".to_string(),
-        format!("file://{}", archive.display()),
-    ];
-    if let Some(k) = key {
-        a.extend(["--key-file".to_string(), k.display().to_string()]);
-    }
-    a
-}
 
 /// `walfs ARGS…` against the same archive as a mount (CLI path, not through FUSE).
 fn walfs(args: &[String], env: &[(String, String)], more: &[&str]) -> Command {

@@ -648,3 +648,66 @@ fn password_md5_scram_and_tls_connections() {
     let (ok, log) = try_receive(&dir.join("f"), &base("legacy", "sslmode=disable"), &env);
     assert!(ok, "md5 with .pgpass: {log}");
 }
+
+#[test]
+fn the_receiver_says_ready_and_reports_position_lag_and_spool() {
+    let scratch = scratch_dir("recv-observe");
+    let (pg, _server_archive) = primary(scratch.path(), "");
+    let archive = scratch.path().join("archive");
+    let notify = NotifySocket::bind(scratch.path());
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut r = Receiver::with_url(
+        scratch.path(),
+        &format!("file://{}", archive.display()),
+        &[notify.env()],
+        &pg.conninfo(),
+        &["--metrics-addr", &metrics_addr],
+    );
+    r.start();
+    let seen = notify.wait_for("READY=1", Duration::from_secs(60));
+    assert!(seen.is_ok(), "no READY=1: {seen:?}\n{}", r.log_tail());
+    pg.pgbench(&["-i", "-s", "1"]);
+    let last = pg.switch_wal();
+    wait_archived(&archive, &last, &r);
+    let val = |text: &str, series: &str| metric(text, series).unwrap_or(0.0);
+    let mut text = String::new();
+    let ok = poll_until(Duration::from_secs(20), || {
+        text = scrape(port).unwrap_or_default();
+        val(&text, "walfs_receive_connected") == 1.0
+            && val(&text, "walfs_receive_flushed_lsn") > 0.0
+            && val(&text, r#"walfs_archive_operations_total{op="push"}"#) >= 3.0
+    });
+    assert!(ok, "metrics did not follow the stream:\n{text}");
+    assert!(
+        val(&text, "walfs_receive_wal_bytes_total") >= 3.0 * 1048576.0,
+        "{text}"
+    );
+    assert!(metric(&text, "walfs_receive_lag_bytes").is_some(), "{text}");
+    assert!(
+        metric(&text, "walfs_upload_queue_files").is_some(),
+        "{text}"
+    );
+
+    let status = || {
+        let out = sh_ok(&mut walfs_cmd(
+            &archive,
+            &[
+                &format!("--cache-dir={}", scratch.path().join("cache").display()),
+                "status",
+                "--json",
+            ],
+        ));
+        serde_json::from_str::<serde_json::Value>(&stdout_str(&out)).unwrap()
+    };
+    let v = status();
+    assert_eq!(v["receive"]["running"], true, "{v}");
+    assert_eq!(v["receive"]["connected"], true, "{v}");
+    assert_ne!(v["receive"]["flushed_lsn"], "0/0", "{v}");
+    assert!(v["archive"]["segments"].as_u64().unwrap() >= 3, "{v}");
+    r.stop();
+    let seen = notify.wait_for("STOPPING=1", Duration::from_secs(10));
+    assert!(seen.is_ok(), "no STOPPING=1: {seen:?}");
+    let v = status();
+    assert_eq!(v["receive"]["running"], false, "{v}");
+}

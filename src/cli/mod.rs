@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 mod assets;
 mod mount;
+mod ops;
 
 /// Exit codes. PostgreSQL reads any non-zero restore_command status as "not available", so
 /// absence (1) is kept apart from failures (3, 4) for operators and scripts.
@@ -67,9 +68,18 @@ struct GlobalArgs {
     #[arg(long, global = true, env = "WALFS_CACHE_SIZE", value_name = "SIZE",
           value_parser = config::parse_size)]
     cache_size: Option<u64>,
+    /// Log lines as text or as JSON objects (one per line, for log collectors)
+    #[arg(long, global = true, env = "WALFS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// More log output (-v: info, -vv: debug); WALFS_LOG takes a full filter
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,9 +123,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Read-ahead and cache counters of a running (or the last) mount of this archive
+    /// Delete old WAL (retention). A dry run unless --confirm: lists what would go. Cuts every
+    /// timeline at one segment, keeps history files kept timelines need, never empties the
+    /// archive
+    #[command(group(clap::ArgGroup::new("rule").required(true).args(["before", "older_than"])))]
+    Delete {
+        /// Delete what comes before this segment (a segment, .partial or .backup name; the
+        /// timeline part is ignored, as pg_archivecleanup does)
+        #[arg(long, value_name = "SEGMENT")]
+        before: Option<String>,
+        /// Delete what comes before the oldest segment archived within DURATION (e.g. 14d);
+        /// older segments after it stay, so no gap opens
+        #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Really delete
+        #[arg(long)]
+        confirm: bool,
+        /// The plan as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a plain archive directory (what `cp %p DIR/%f` left) into the archive; safe to
+    /// run again after an interruption (identical files count as done). Exit 1 if any file
+    /// was refused
+    Import {
+        /// The directory
+        dir: PathBuf,
+        /// Files uploaded at the same time
+        #[arg(long, value_name = "N", default_value_t = 4,
+              value_parser = clap::value_parser!(u16).range(1..=64))]
+        concurrency: u16,
+        /// A JSON report instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// The archive (newest segment per timeline, size, compression) and the mount and
+    /// receiver running on this host for it (health, cache, spool, lag)
     Status {
-        /// The raw JSON
+        /// One JSON object
         #[arg(long)]
         json: bool,
     },
@@ -168,6 +213,9 @@ pub struct MountArgs {
     #[arg(long, env = "WALFS_PREFETCH_CONCURRENCY", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub prefetch_concurrency: u16,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187)
+    #[arg(long, env = "WALFS_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +243,9 @@ pub struct ReceiveArgs {
     /// application_name reported to the server (what synchronous_standby_names names)
     #[arg(long, default_value = "walfs")]
     pub application_name: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9188)
+    #[arg(long, env = "WALFS_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A failure with the exit code it maps to and the one line that explains it.
@@ -228,7 +279,7 @@ impl From<StoreError> for Failure {
     }
 }
 
-fn init_logging(verbose: u8, daemon: bool) {
+fn init_logging(verbose: u8, daemon: bool, format: LogFormat) {
     // fuser warns about every request it answers with ENOSYS (xattrs, say): not ours to report.
     // A daemon (the mount) says what it does; one-shot commands only what goes wrong.
     let default = match (verbose, daemon) {
@@ -238,19 +289,24 @@ fn init_logging(verbose: u8, daemon: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    // Nothing logs key material: keys are only ever named by their id.
+    let _ = match format {
+        LogFormat::Json => fmt.json().try_init(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Command::Mount(_) | Command::Receive(_));
-    init_logging(cli.global.verbose, daemon);
+    init_logging(cli.global.verbose, daemon, cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -294,13 +350,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
         Command::Ls { json } => ls(&settings, json).await,
         Command::Mount(args) => mount::run(&settings, &args).await,
-        Command::Status { json } => status(&settings, json),
+        Command::Status { json } => ops::status(&settings, json).await,
         Command::Verify {
             from,
             to,
             deep,
             json,
-        } => verify(&settings, from.as_deref(), to.as_deref(), deep, json).await,
+        } => ops::verify(&settings, from.as_deref(), to.as_deref(), deep, json).await,
+        Command::Delete {
+            before,
+            older_than,
+            confirm,
+            json,
+        } => {
+            let args = ops::DeleteArgs {
+                before: before.as_deref(),
+                older_than,
+                confirm,
+                json,
+            };
+            ops::delete(&settings, args).await
+        }
+        Command::Import {
+            dir,
+            concurrency,
+            json,
+        } => ops::import(&settings, &dir, usize::from(concurrency), json).await,
         Command::Receive(args) => receive(&settings, &args).await,
     }
 }
@@ -448,6 +523,9 @@ async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure>
         .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     let archive = std::sync::Arc::new(open_archive(settings, true)?);
     archive.probe().await?;
+    if let Some(addr) = args.metrics_addr {
+        crate::telemetry::serve_metrics(addr).map_err(|e| Failure::new(exit::USAGE, e))?;
+    }
     let spool_dir =
         crate::cache::Cache::archive_dir(&settings.cache_dir, &settings.archive).join("spool");
     let opts = ReceiveOptions {
@@ -482,107 +560,6 @@ async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure>
         .run(rx)
         .await
         .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))
-}
-
-async fn verify(
-    settings: &Settings,
-    from: Option<&str>,
-    to: Option<&str>,
-    deep: bool,
-    json: bool,
-) -> Result<(), Failure> {
-    let archive = open_archive(settings, false)?;
-    let size = archive.require_identity().await?.segment_size()?;
-    let segno = |s: &str| -> Result<u64, Failure> {
-        let name = parse_name(s)?;
-        match name.segment(size) {
-            Ok(Some(id)) => Ok(id.segno),
-            _ => Err(Failure::new(
-                exit::USAGE,
-                format!("{s} is not a segment name"),
-            )),
-        }
-    };
-    let from = from.map(segno).transpose()?;
-    let to = to.map(segno).transpose()?;
-    let report = crate::ops::verify(&archive, deep, from, to, 4).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report)
-                .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?
-        );
-    } else {
-        for t in &report.timelines {
-            let fork = t
-                .forked_from
-                .as_ref()
-                .map(|(p, lsn)| format!(" (forked from timeline {p} at {lsn})"))
-                .unwrap_or_default();
-            println!("timeline {}{fork}: {} segments", t.timeline, t.segments);
-            for (a, b) in &t.ranges {
-                println!("  present {a} .. {b}");
-            }
-            for g in &t.gaps {
-                println!("  MISSING {g}");
-            }
-        }
-        if deep {
-            println!("{} objects opened", report.checked);
-            for d in &report.damaged {
-                println!("  DAMAGED {d}");
-            }
-        }
-    }
-    let gaps: usize = report.timelines.iter().map(|t| t.gaps.len()).sum();
-    if !report.damaged.is_empty() {
-        return Err(Failure::new(
-            exit::DAMAGED,
-            format!(
-                "{} damaged objects, {gaps} missing segments",
-                report.damaged.len()
-            ),
-        ));
-    }
-    if gaps > 0 {
-        return Err(Failure::new(
-            exit::ABSENT_OR_REFUSED,
-            format!("{gaps} missing segments"),
-        ));
-    }
-    if !json {
-        println!(
-            "whole: no gaps{}",
-            if deep { ", every object opens" } else { "" }
-        );
-    }
-    Ok(())
-}
-
-fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
-    let path = crate::cache::Cache::stats_path_for(&settings.cache_dir, &settings.archive);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        Failure::new(
-            exit::ABSENT_OR_REFUSED,
-            format!(
-                "no mount statistics for {} ({}: {e})",
-                settings.archive,
-                path.display()
-            ),
-        )
-    })?;
-    if json {
-        println!("{}", text.trim_end());
-        return Ok(());
-    }
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("{}: {e}", path.display())))?;
-    if let Some(map) = v.as_object() {
-        for (k, val) in map {
-            println!("{k:<20} {val}");
-        }
-    }
-    Ok(())
 }
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {

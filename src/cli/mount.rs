@@ -142,6 +142,9 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     };
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     check_fuse()?;
+    if let Some(addr) = args.metrics_addr {
+        crate::telemetry::serve_metrics(addr).map_err(usage)?;
+    }
     let archive = Arc::new(open_archive(settings, !args.read_only)?);
     match archive.probe().await {
         Ok(()) => {}
@@ -199,8 +202,10 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
                     break "unmounted from outside";
                 }
                 ticks += 1;
-                if ticks % 8 == 0 {
-                    if let Err(e) = cache.write_stats() {
+                if ticks % 4 == 0 {
+                    cache.settle().await;
+                    cache.publish_metrics();
+                    if let Err(e) = cache.write_stats(false) {
                         tracing::debug!(error = %e, "writing stats.json failed");
                     }
                 }
@@ -209,7 +214,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     };
     tracing::warn!(mountpoint = %mountpoint.display(), reason, "unmounting");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = cache.write_stats();
+    let _ = cache.write_stats(true);
     tracing::info!(stats = %cache.stats().to_json(), "read-ahead");
     let mp = mountpoint.clone();
     let result = tokio::task::spawn_blocking(move || session.umount_and_join())

@@ -231,6 +231,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub enum ReplMessage {
     XLogData {
         start: Lsn,
+        /// The server's WAL end when it sent this.
+        end: Lsn,
         data: Bytes,
     },
     Keepalive {
@@ -524,9 +526,13 @@ impl ReplicationConn {
                 match d.get_u8() {
                     b'w' if d.len() >= 24 => {
                         let start = Lsn(d.get_u64());
-                        let _end = d.get_u64();
+                        let end = Lsn(d.get_u64());
                         let _time = d.get_i64();
-                        Ok(Some(ReplMessage::XLogData { start, data: d }))
+                        Ok(Some(ReplMessage::XLogData {
+                            start,
+                            end,
+                            data: d,
+                        }))
                     }
                     b'k' if d.len() >= 17 => {
                         let end = Lsn(d.get_u64());

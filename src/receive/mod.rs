@@ -24,6 +24,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -284,12 +285,95 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Where the receiver stands: for `walfs status` (`receive.json`) and the metrics.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub connected: AtomicBool,
+    pub timeline: AtomicU32,
+    /// Received (written to the spool) and flushed (fsynced) positions.
+    pub written: AtomicU64,
+    pub flushed: AtomicU64,
+    /// The server's WAL end as it last said.
+    pub server_end: AtomicU64,
+    /// When the flushed position last moved (Unix milliseconds).
+    pub last_flush_ms: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub uploaded: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    (crate::telemetry::now_secs() * 1000.0) as u64
+}
+
+impl Progress {
+    fn flushed_to(&self, written: Lsn, flushed: Lsn) {
+        self.written.store(written.0, Ordering::Relaxed);
+        if self.flushed.swap(flushed.0, Ordering::Relaxed) != flushed.0 {
+            self.last_flush_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn server_at(&self, end: Lsn) {
+        self.server_end.fetch_max(end.0, Ordering::Relaxed);
+    }
+
+    /// The state as `walfs status` shows it, and the metrics set from it.
+    pub fn snapshot(&self, spool: &Spool) -> serde_json::Value {
+        use crate::telemetry::{set_counter, set_gauge};
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (flushed, server) = (g(&self.flushed), g(&self.server_end));
+        let lag = server.saturating_sub(flushed);
+        let last_flush = g(&self.last_flush_ms);
+        let flush_age = if last_flush == 0 {
+            None
+        } else {
+            Some(now_ms().saturating_sub(last_flush) as f64 / 1000.0)
+        };
+        let queue = spool.ready();
+        let spool_bytes = spool.ready_bytes();
+        let connected = self.connected.load(Ordering::Relaxed);
+        let timeline = self.timeline.load(Ordering::Relaxed);
+        set_gauge("walfs_receive_connected", f64::from(u8::from(connected)));
+        set_gauge("walfs_receive_timeline", f64::from(timeline));
+        set_gauge("walfs_receive_flushed_lsn", flushed as f64);
+        set_gauge("walfs_receive_server_lsn", server as f64);
+        set_gauge("walfs_receive_lag_bytes", lag as f64);
+        if let Some(age) = flush_age {
+            set_gauge("walfs_receive_last_flush_age_seconds", age);
+        }
+        set_counter("walfs_receive_wal_bytes_total", g(&self.wal_bytes));
+        set_counter("walfs_receive_reconnects_total", g(&self.reconnects));
+        set_gauge("walfs_upload_queue_files", queue.len() as f64);
+        set_gauge("walfs_spool_bytes", spool_bytes as f64);
+        crate::telemetry::tick();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "updated": now_ms() / 1000,
+            "connected": connected,
+            "timeline": timeline,
+            "received_lsn": Lsn(g(&self.written)).to_string(),
+            "flushed_lsn": Lsn(flushed).to_string(),
+            "server_lsn": Lsn(server).to_string(),
+            "lag_bytes": lag,
+            "last_flush_age_seconds": flush_age,
+            "wal_bytes": g(&self.wal_bytes),
+            "reconnects": g(&self.reconnects),
+            "uploaded": g(&self.uploaded),
+            "upload_queue_files": queue.len(),
+            "spool_bytes": spool_bytes,
+            "last_push": crate::telemetry::last_push(),
+        })
+    }
+}
+
 /// The receiver: a streaming loop that reconnects, and an uploader.
 pub struct Receiver {
     archive: Arc<Archive>,
     opts: ReceiveOptions,
     spool: Arc<Spool>,
     ready: Arc<Notify>,
+    progress: Arc<Progress>,
 }
 
 enum Ended {
@@ -304,7 +388,21 @@ impl Receiver {
             opts,
             spool,
             ready: Arc::new(Notify::new()),
+            progress: Arc::new(Progress::default()),
         })
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Where the state file for `walfs status` goes: beside the spool.
+    pub fn state_path(&self) -> PathBuf {
+        let spool = &self.opts.spool_dir;
+        spool
+            .parent()
+            .unwrap_or(spool)
+            .join(crate::cache::RECEIVE_STATE_FILE)
     }
 
     /// Streams until `shutdown` turns true; reconnects with backoff after any error a retry
@@ -316,8 +414,22 @@ impl Receiver {
             self.archive.clone(),
             self.spool.clone(),
             self.ready.clone(),
+            self.progress.clone(),
             uploader_stop,
         ));
+        // State file and metrics, every second while running.
+        let (progress, spool, path) =
+            (self.progress.clone(), self.spool.clone(), self.state_path());
+        let publisher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let state = progress.snapshot(&spool);
+                if let Err(e) = crate::telemetry::write_state(&path, &state) {
+                    tracing::debug!(error = %e, path = %path.display(), "writing the state file failed");
+                }
+            }
+        });
         let mut backoff = Duration::from_millis(500);
         let result = loop {
             let began = Instant::now();
@@ -325,6 +437,8 @@ impl Receiver {
                 Ok(Ended::Shutdown) => break Ok(()),
                 Err(e) if e.permanent() => break Err(e),
                 Err(e) => {
+                    self.progress.connected.store(false, Ordering::Relaxed);
+                    self.progress.reconnects.fetch_add(1, Ordering::Relaxed);
                     if began.elapsed() > Duration::from_secs(30) {
                         backoff = Duration::from_millis(500);
                     }
@@ -340,10 +454,15 @@ impl Receiver {
                 }
             }
         };
+        self.progress.connected.store(false, Ordering::Relaxed);
         let _ = stop_uploader.send(true);
         self.ready.notify_one();
         // Give the uploader a moment to drain; what is left stays durable in the spool.
         let _ = tokio::time::timeout(Duration::from_secs(10), uploader).await;
+        publisher.abort();
+        let mut last = self.progress.snapshot(&self.spool);
+        last["stopped"] = true.into();
+        let _ = crate::telemetry::write_state(&self.state_path(), &last);
         result
     }
 
@@ -484,6 +603,7 @@ impl Receiver {
             .start_position(&mut conn, size, server_tli, server_pos)
             .await?;
         tracing::info!(server = %self.opts.conn.describe(), system_id, timeline = tli, start = %start, "streaming");
+        self.progress.connected.store(true, Ordering::Relaxed);
         // systemd (Type=notify): ready once streaming; repeated after a reconnect, harmless.
         let _ = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
@@ -502,6 +622,7 @@ impl Receiver {
             ))
             .await?;
             let mut writer = SegmentWriter::new(size, tli, start);
+            self.progress.timeline.store(tli, Ordering::Relaxed);
             match self
                 .stream_timeline(&mut conn, &mut writer, shutdown)
                 .await?
@@ -564,7 +685,11 @@ impl Receiver {
             };
             let mut reply = false;
             match msg {
-                Some(ReplMessage::XLogData { start, data }) => {
+                Some(ReplMessage::XLogData { start, end, data }) => {
+                    self.progress.server_at(end);
+                    self.progress
+                        .wal_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if start != w.written {
                         return Err(ReceiveError::Conn(ConnError::Protocol(format!(
                             "WAL arrived at {start}, expected {}",
@@ -581,19 +706,21 @@ impl Receiver {
                     }
                 }
                 Some(ReplMessage::Keepalive {
+                    end,
                     reply_requested: true,
-                    ..
                 }) => {
+                    self.progress.server_at(end);
                     w.flush().map_err(io)?;
                     reply = true;
                 }
-                Some(ReplMessage::Keepalive { .. }) => {}
+                Some(ReplMessage::Keepalive { end, .. }) => self.progress.server_at(end),
                 Some(ReplMessage::CopyDone) => {
                     w.flush().map_err(io)?;
                     return Ok(Some(()));
                 }
                 None => {}
             }
+            self.progress.flushed_to(w.written, w.flushed);
             if reply || last_status.elapsed() >= self.opts.status_interval {
                 if !reply {
                     w.flush().map_err(io)?;
@@ -639,6 +766,7 @@ async fn upload_loop(
     archive: Arc<Archive>,
     spool: Arc<Spool>,
     ready: Arc<Notify>,
+    progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(500);
@@ -666,6 +794,7 @@ async fn upload_loop(
             match pushed {
                 Ok(outcome) => {
                     tracing::info!(%name, ?outcome, "uploaded");
+                    progress.uploaded.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = spool.remove_ready(&name) {
                         tracing::error!(%name, error = %e, "removing an uploaded file from the spool failed");
                     }

@@ -1,4 +1,4 @@
-//! Operations on a whole archive: `verify` (ranges, gaps, timelines, integrity).
+//! `walfs verify`: ranges, gaps, timelines and (deep) integrity of a whole archive.
 
 use crate::readahead::parse_history;
 use crate::store::{Archive, Error};
@@ -57,6 +57,7 @@ pub async fn verify(
     from: Option<u64>,
     to: Option<u64>,
     concurrency: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<VerifyReport, Error> {
     let identity = archive.require_identity().await?;
     let size: SegmentSize = identity.segment_size()?;
@@ -141,16 +142,16 @@ pub async fn verify(
         });
     }
     if deep {
-        let results: Vec<(ArchiveName, Result<(), Error>)> = futures::stream::iter(names)
+        let total = names.len() as u64;
+        let mut results = futures::stream::iter(names)
             .map(|n| async move {
                 let r = archive.fetch(&n).await.map(|_| ());
                 (n, r)
             })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        for (n, r) in results {
+            .buffer_unordered(concurrency.max(1));
+        while let Some((n, r)) = results.next().await {
             report.checked += 1;
+            progress(report.checked, total);
             match r {
                 Ok(()) => {}
                 Err(Error::Unreadable { .. }) => report.damaged.push(n.to_string()),

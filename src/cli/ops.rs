@@ -1,0 +1,376 @@
+//! Operator commands on a whole archive: `verify`, `delete`, `import`, `status`.
+
+use super::{exit, open_archive, parse_name, Failure};
+use crate::cache::{Cache, RECEIVE_STATE_FILE};
+use crate::config::Settings;
+use crate::ops::{self, import::ImportError, retention};
+use crate::wal::{FileKind, SegmentId};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::time::Duration;
+
+/// A progress bar on stderr, drawn only when stderr is a terminal.
+fn bar(len: u64, what: &str, bytes: bool) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let template = if bytes {
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}"
+    } else {
+        "{msg} [{bar:30}] {pos}/{len}, eta {eta}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// A segment number from a segment, `.partial` or `.backup` name.
+fn segno_arg(s: &str, size: crate::wal::SegmentSize) -> Result<u64, Failure> {
+    let name = parse_name(s)?;
+    if name.kind() == FileKind::History {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("{s} is a history file, not a segment"),
+        ));
+    }
+    SegmentId::parse(&name.as_str()[..24], size)
+        .map(|id| id.segno)
+        .map_err(|e| Failure::new(exit::USAGE, format!("{s}: {e}")))
+}
+
+pub(super) async fn verify(
+    settings: &Settings,
+    from: Option<&str>,
+    to: Option<&str>,
+    deep: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let archive = open_archive(settings, false)?;
+    let size = archive.require_identity().await?.segment_size()?;
+    let from = from.map(|s| segno_arg(s, size)).transpose()?;
+    let to = to.map(|s| segno_arg(s, size)).transpose()?;
+    let pb = bar(0, "opening", false);
+    let progress = |done: u64, total: u64| {
+        pb.set_length(total);
+        pb.set_position(done);
+    };
+    let report = ops::verify(&archive, deep, from, to, 4, &progress).await;
+    pb.finish_and_clear();
+    let report = report?;
+    if json {
+        json_out(&report)?;
+    } else {
+        for t in &report.timelines {
+            let fork = t
+                .forked_from
+                .as_ref()
+                .map(|(p, lsn)| format!(" (forked from timeline {p} at {lsn})"))
+                .unwrap_or_default();
+            println!("timeline {}{fork}: {} segments", t.timeline, t.segments);
+            for (a, b) in &t.ranges {
+                println!("  present {a} .. {b}");
+            }
+            for g in &t.gaps {
+                println!("  MISSING {g}");
+            }
+        }
+        if deep {
+            println!("{} objects opened", report.checked);
+            for d in &report.damaged {
+                println!("  DAMAGED {d}");
+            }
+        }
+    }
+    let gaps: usize = report.timelines.iter().map(|t| t.gaps.len()).sum();
+    if !report.damaged.is_empty() {
+        return Err(Failure::new(
+            exit::DAMAGED,
+            format!(
+                "{} damaged objects, {gaps} missing segments",
+                report.damaged.len()
+            ),
+        ));
+    }
+    if gaps > 0 {
+        return Err(Failure::new(
+            exit::ABSENT_OR_REFUSED,
+            format!("{gaps} missing segments"),
+        ));
+    }
+    if !json {
+        println!(
+            "whole: no gaps{}",
+            if deep { ", every object opens" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+pub(super) struct DeleteArgs<'a> {
+    pub before: Option<&'a str>,
+    pub older_than: Option<Duration>,
+    pub confirm: bool,
+    pub json: bool,
+}
+
+pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<(), Failure> {
+    let archive = open_archive(settings, false)?;
+    let size = archive.require_identity().await?.segment_size()?;
+    let rule = match (args.before, args.older_than) {
+        (Some(s), None) => retention::Rule::Before(segno_arg(s, size)?),
+        (None, Some(age)) => {
+            let cutoff = crate::telemetry::now_secs() - age.as_secs_f64();
+            retention::Rule::ModifiedBefore(cutoff as i64)
+        }
+        _ => {
+            return Err(Failure::new(
+                exit::USAGE,
+                "give one of --before SEGMENT or --older-than DURATION",
+            ))
+        }
+    };
+    let plan = retention::plan_archive(&archive, rule)
+        .await?
+        .map_err(|e| Failure::new(exit::ABSENT_OR_REFUSED, e.to_string()))?;
+    if args.json {
+        json_out(&plan)?;
+    } else {
+        let verb = if args.confirm {
+            "deleting"
+        } else {
+            "would delete"
+        };
+        for name in &plan.delete {
+            println!("{verb} {name}");
+        }
+        for name in &plan.histories_kept {
+            println!("keeping {name} (a kept timeline descends from it)");
+        }
+        println!(
+            "{verb} {} files ({} stored); keeping {} files from {} on",
+            plan.delete.len(),
+            HumanBytes(plan.delete_stored_bytes),
+            plan.keep_files,
+            plan.first_kept
+        );
+    }
+    if !args.confirm {
+        if !args.json {
+            println!("dry run: nothing deleted; run again with --confirm to delete");
+        }
+        return Ok(());
+    }
+    let names: Vec<_> = plan
+        .delete
+        .iter()
+        .map(|n| parse_name(n))
+        .collect::<Result<_, _>>()?;
+    // Oldest first, a batch at a time: an interruption leaves the oldest files gone and the
+    // kept range whole; running the command again finishes the job.
+    let pb = bar(names.len() as u64, "deleting", false);
+    let mut deleted = 0;
+    for batch in names.chunks(256) {
+        deleted += archive
+            .delete_many(batch, 64)
+            .await
+            .inspect_err(|_| pb.abandon())?;
+        pb.set_position(deleted);
+    }
+    pb.finish_and_clear();
+    tracing::info!(deleted, first_kept = %plan.first_kept, "retention applied");
+    if !args.json {
+        println!("deleted {deleted} files");
+    }
+    Ok(())
+}
+
+pub(super) async fn import(
+    settings: &Settings,
+    dir: &Path,
+    concurrency: usize,
+    json: bool,
+) -> Result<(), Failure> {
+    let ops::import::Scan { files, ignored } = ops::import::scan(dir)
+        .map_err(|e| Failure::new(exit::USAGE, format!("reading {}: {e}", dir.display())))?;
+    let archive = open_archive(settings, true)?;
+    archive.probe().await?;
+    let total: u64 = files
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let pb = bar(total, "importing", true);
+    let result = ops::import::import(&archive, files, concurrency, |n| pb.inc(n)).await;
+    pb.finish_and_clear();
+    let mut report = result.map_err(|e| match e {
+        ImportError::Read { .. } => Failure::new(exit::UNAVAILABLE, e.to_string()),
+        ImportError::Archive(e) => Failure::from(e),
+    })?;
+    report.ignored = ignored;
+    if json {
+        json_out(&report)?;
+    } else {
+        for (name, why) in &report.refused {
+            println!("REFUSED {name}: {why}");
+        }
+        if !report.ignored.is_empty() {
+            println!(
+                "ignored {} entries that are not WAL archive files (first: {})",
+                report.ignored.len(),
+                report.ignored[0]
+            );
+        }
+        println!(
+            "imported {} files, {} already archived, {} refused ({} read)",
+            report.imported,
+            report.already_archived,
+            report.refused.len(),
+            HumanBytes(report.bytes)
+        );
+    }
+    if !report.refused.is_empty() {
+        return Err(Failure::new(
+            exit::ABSENT_OR_REFUSED,
+            format!("{} files refused", report.refused.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A daemon's state file, with whether the process is alive and the file fresh.
+fn daemon_state(path: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pid = v["pid"].as_u64().and_then(|p| i32::try_from(p).ok());
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = pid.is_some_and(|p| {
+        let rc = unsafe { libc::kill(p, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    });
+    let age = v["updated"]
+        .as_u64()
+        .map(|u| (crate::telemetry::now_secs() - u as f64).max(0.0));
+    let stopped = v["stopped"].as_bool().unwrap_or(false);
+    v["running"] = (alive && !stopped && age.is_some_and(|a| a < 10.0)).into();
+    v["updated_seconds_ago"] = age.map(|a| a.round()).into();
+    Some(v)
+}
+
+fn ago(secs: f64) -> String {
+    humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string() + " ago"
+}
+
+pub(super) async fn status(settings: &Settings, json: bool) -> Result<(), Failure> {
+    let dir = Cache::archive_dir(&settings.cache_dir, &settings.archive);
+    let mount = daemon_state(&dir.join("stats.json"));
+    let receive = daemon_state(&dir.join(RECEIVE_STATE_FILE));
+    let summary = match open_archive(settings, false) {
+        Ok(archive) => ops::summary::summary(&archive).await.map_err(Failure::from),
+        Err(f) => Err(f),
+    };
+    if json {
+        let archive = match &summary {
+            Ok(s) => serde_json::to_value(s).unwrap_or_default(),
+            Err(f) => serde_json::json!({ "error": f.message }),
+        };
+        json_out(&serde_json::json!({
+            "archive": archive,
+            "mount": mount,
+            "receive": receive,
+        }))?;
+    } else {
+        match &summary {
+            Ok(s) => {
+                println!(
+                    "archive  {} (system {}, {} segments{})",
+                    s.url,
+                    s.system_identifier,
+                    HumanBytes(s.wal_segment_size),
+                    if s.encrypted { ", encrypted" } else { "" }
+                );
+                println!(
+                    "files    {} ({} segments, {} partial, {} history, {} backup), {} stored, \
+                     compression {:.1}x",
+                    s.files,
+                    s.segments,
+                    s.partials,
+                    s.histories,
+                    s.backups,
+                    HumanBytes(s.stored_bytes),
+                    s.compression_ratio
+                );
+                let now = crate::telemetry::now_secs();
+                for t in &s.timelines {
+                    println!(
+                        "timeline {}: {} .. {} ({} segments), newest archived {}",
+                        t.timeline,
+                        t.oldest,
+                        t.newest,
+                        t.segments,
+                        ago(now - t.newest_archived_at as f64)
+                    );
+                }
+            }
+            Err(f) => println!("archive  {}: {}", settings.archive, f.message),
+        }
+        let health = |v: &serde_json::Value| {
+            let running = v["running"].as_bool().unwrap_or(false);
+            let pid = v["pid"].as_u64().unwrap_or(0);
+            let seen = v["updated_seconds_ago"]
+                .as_f64()
+                .map(ago)
+                .unwrap_or_default();
+            if running {
+                format!("running (pid {pid})")
+            } else if v["stopped"].as_bool().unwrap_or(false) {
+                format!("stopped (pid {pid}, {seen})")
+            } else {
+                format!("not running (pid {pid} last seen {seen})")
+            }
+        };
+        match &mount {
+            Some(m) => println!(
+                "mount    {}: {} segment opens, {} read-ahead hits, {} joined, {} misses; \
+                 cache {} in {} files",
+                health(m),
+                m["segment_requests"],
+                m["readahead_hits"],
+                m["readahead_joined"],
+                m["readahead_misses"],
+                HumanBytes(m["cache_bytes"].as_u64().unwrap_or(0)),
+                m["cache_files"]
+            ),
+            None => println!("mount    none seen for this archive and cache directory"),
+        }
+        match &receive {
+            Some(r) => println!(
+                "receive  {}: {}timeline {}, flushed {}, server at {}, lag {}, last flush {}; \
+                 upload queue {} files ({})",
+                health(r),
+                if r["connected"].as_bool().unwrap_or(false) {
+                    "streaming "
+                } else {
+                    "disconnected, "
+                },
+                r["timeline"],
+                r["flushed_lsn"].as_str().unwrap_or("?"),
+                r["server_lsn"].as_str().unwrap_or("?"),
+                HumanBytes(r["lag_bytes"].as_u64().unwrap_or(0)),
+                r["last_flush_age_seconds"]
+                    .as_f64()
+                    .map(ago)
+                    .unwrap_or_else(|| "never".into()),
+                r["upload_queue_files"],
+                HumanBytes(r["spool_bytes"].as_u64().unwrap_or(0)),
+            ),
+            None => println!("receive  none seen for this archive and cache directory"),
+        }
+    }
+    summary.map(|_| ())
+}
