@@ -741,7 +741,10 @@ mod backend {
             std::time::Duration::from_secs(60),
         );
         [
-            (object_store::ClientConfigKey::ConnectTimeout, "5s".to_string()),
+            (
+                object_store::ClientConfigKey::ConnectTimeout,
+                "5s".to_string(),
+            ),
             (
                 object_store::ClientConfigKey::Timeout,
                 format!("{}ms", attempt.as_millis()),

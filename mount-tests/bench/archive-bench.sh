@@ -29,7 +29,7 @@ trap cleanup EXIT
 
 echo "building walfs (release)..." >&2
 (cd "$ROOT" && cargo build --release --bin walfs -q)
-WALFS="$ROOT/target/release/walfs"
+WALFS="${CARGO_TARGET_DIR:-$ROOT/target}/release/walfs"
 
 echo "making $SEGMENTS real WAL segments with pgbench..." >&2
 mkdir -p "$WORK/wal" && chmod 0777 "$WORK/wal"

@@ -28,7 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 (cd "$ROOT" && cargo build --release --bin walfs -q)
-cp "$ROOT/target/release/walfs" "$WORK/walfs"
+cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/walfs" "$WORK/walfs"
 WALFS="$WORK/walfs"
 
 runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/data" -A trust --no-sync >/dev/null

@@ -2,11 +2,11 @@
 //! service only, on 127.0.0.1, telemetry off. `.ci/setup` installs it under
 //! `/opt/walfs-test/azurite` and the Python Azure SDK (to create containers) in the test venv.
 
-use crate::{file_tail, free_port, poll_until, scratch_dir, TempDir};
+use crate::{file_tail, free_port, poll_until, scratch_dir, ServerProcess, TempDir};
 use std::fs;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Default location of Azurite's blob server, installed by `.ci/setup`.
@@ -19,9 +19,8 @@ const AZURITE_KEY: &str =
 const VENV_PYTHON: &str = "/opt/walfs-test/venv/bin/python";
 
 pub struct AzuriteServer {
-    child: Option<Child>,
+    process: ServerProcess,
     port: u16,
-    log: PathBuf,
     _dir: TempDir,
 }
 
@@ -60,9 +59,8 @@ impl AzuriteServer {
             });
             if up && child.try_wait().ok().flatten().is_none() {
                 return AzuriteServer {
-                    child: Some(child),
+                    process: ServerProcess::new(child, log),
                     port,
-                    log,
                     _dir: dir,
                 };
             }
@@ -108,20 +106,11 @@ impl AzuriteServer {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.log, lines)
+        self.process.log_tail(lines)
     }
 
     /// Kills the Azurite child (by its PID) and reaps it. Idempotent.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for AzuriteServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop()
     }
 }

@@ -833,10 +833,44 @@ pub const S3_REGION: &str = "us-east-1";
 /// [`get_object`](Self::get_object), ...) sign with SigV4 via `curl --aws-sigv4`. The child is killed by
 /// its PID on [`stop`](Self::stop) or drop; its output goes to a log file shown in panic messages.
 pub struct S3Server {
-    child: Option<Child>,
+    process: ServerProcess,
     port: u16,
-    log: PathBuf,
     _dir: TempDir,
+}
+
+/// A server the harness started: killed by its PID and reaped on [`stop`](Self::stop) or drop;
+/// its output goes to a log file shown in panic messages.
+pub struct ServerProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    pub fn new(child: Child, log: PathBuf) -> ServerProcess {
+        ServerProcess {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        file_tail(&self.log, lines)
+    }
+
+    /// Kills the child (by its PID) and reaps it. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl S3Server {
@@ -876,9 +910,8 @@ impl S3Server {
             match wait_moto_ready(&mut child, port, &log) {
                 Ok(()) => {
                     return S3Server {
-                        child: Some(child),
+                        process: ServerProcess::new(child, log),
                         port,
-                        log,
                         _dir: dir,
                     }
                 }
@@ -1034,21 +1067,12 @@ impl S3Server {
 
     /// The last `lines` lines of moto's log (one line per request).
     pub fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.log, lines)
+        self.process.log_tail(lines)
     }
 
     /// Kills the moto_server child (by its PID) and reaps it. Idempotent.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop()
     }
 }
 
