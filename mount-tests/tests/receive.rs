@@ -582,7 +582,35 @@ fn password_md5_scram_and_tls_connections() {
         "-extfile",
         "san.ext",
     ]);
-    for f in ["server.crt", "server.key"] {
+    // A client certificate for certificate authentication (CN = the role).
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=certrep",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "2",
+    ]);
+    for f in ["server.crt", "server.key", "ca.crt"] {
         std::fs::copy(dir.join(f), data.join(f)).unwrap();
         chown_postgres(&data.join(f));
     }
@@ -591,20 +619,24 @@ fn password_md5_scram_and_tls_connections() {
             .arg("600")
             .arg(data.join("server.key")),
     );
-    pg.set_conf("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'");
+    pg.set_conf(
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'",
+    );
     // Ahead of initdb's trust lines: SCRAM over TLS only for `rep`, md5 for `legacy`.
     let hba = data.join("pg_hba.conf");
     let old = std::fs::read_to_string(&hba).unwrap();
     std::fs::write(
         &hba,
         format!(
-            "hostssl replication rep 127.0.0.1/32 scram-sha-256\nhost replication rep 127.0.0.1/32 reject\n\
+            "hostssl replication certrep 127.0.0.1/32 cert\nhost replication certrep 127.0.0.1/32 reject\n\
+             hostssl replication rep 127.0.0.1/32 scram-sha-256\nhost replication rep 127.0.0.1/32 reject\n\
              host replication legacy 127.0.0.1/32 md5\n{old}"
         ),
     )
     .unwrap();
     pg.start();
     pg.psql("create role rep replication login password 'scram secret'");
+    pg.psql("create role certrep replication login");
     pg.psql("set password_encryption = 'md5'; create role legacy replication login password 'md5 secret'");
     let port = pg.port();
     let base = |user: &str, extra: &str| format!("host=127.0.0.1 port={port} user={user} {extra}");
@@ -636,6 +668,44 @@ fn password_md5_scram_and_tls_connections() {
     );
     let (ok, log) = try_receive(&dir.join("e"), &base("rep", &wrong), &pw("scram secret"));
     assert!(!ok && log.contains("TLS"), "{log}");
+    // Certificate authentication: a client certificate from the conninfo, or from PGSSLCERT and
+    // PGSSLKEY; without one the server refuses.
+    let ca = dir.join("ca.crt").display().to_string();
+    let with_cert = format!(
+        "sslmode=verify-full sslrootcert={ca} sslcert={} sslkey={}",
+        dir.join("client.crt").display(),
+        dir.join("client.key").display()
+    );
+    let (ok, log) = try_receive(&dir.join("g"), &base("certrep", &with_cert), &[]);
+    assert!(ok, "client certificate in the conninfo: {log}");
+    let env = vec![
+        (
+            "PGSSLCERT".to_string(),
+            dir.join("client.crt").display().to_string(),
+        ),
+        (
+            "PGSSLKEY".to_string(),
+            dir.join("client.key").display().to_string(),
+        ),
+    ];
+    let only_root = format!("sslmode=verify-full sslrootcert={ca}");
+    let (ok, log) = try_receive(&dir.join("h"), &base("certrep", &only_root), &env);
+    assert!(ok, "client certificate from PGSSLCERT/PGSSLKEY: {log}");
+    let (ok, log) = try_receive(&dir.join("i"), &base("certrep", &only_root), &[]);
+    assert!(
+        !ok && log.contains("certificate"),
+        "no client certificate: {log}"
+    );
+    // A key others can read is refused before connecting, as libpq does.
+    let open_key = dir.join("open.key");
+    std::fs::copy(dir.join("client.key"), &open_key).unwrap();
+    sh_ok(Command::new("chmod").arg("644").arg(&open_key));
+    let loose = with_cert.replace("client.key", "open.key");
+    let (ok, log) = try_receive(&dir.join("j"), &base("certrep", &loose), &[]);
+    assert!(
+        !ok && log.contains("group or world access"),
+        "readable key: {log}"
+    );
     // md5, with the password from a .pgpass file.
     let pgpass = dir.join("pgpass");
     std::fs::write(

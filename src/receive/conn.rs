@@ -105,7 +105,7 @@ impl ConnParams {
         conninfo: Option<&str>,
         application_name: &str,
     ) -> Result<ConnParams, ConnError> {
-        let (rest, mode, root) = take_ssl_params(conninfo.unwrap_or(""));
+        let (rest, ssl) = take_ssl_params(conninfo.unwrap_or(""));
         let cfg = if rest.trim().is_empty() {
             tokio_postgres::Config::new()
         } else {
@@ -113,18 +113,35 @@ impl ConnParams {
                 .map_err(|e| ConnError::Params(format!("{rest:?}: {e}")))?
         };
         let mode = SslMode::parse(
-            &mode
+            &ssl.mode
                 .or_else(|| env("PGSSLMODE"))
                 .unwrap_or_else(|| "prefer".into()),
         )
         .map_err(ConnError::Params)?;
-        let root_cert = root
-            .or_else(|| env("PGSSLROOTCERT"))
-            .map(PathBuf::from)
-            .or_else(|| {
-                let default = PathBuf::from(std::env::var_os("HOME")?).join(".postgresql/root.crt");
-                default.exists().then_some(default)
-            });
+        // As libpq: a parameter, else its PG* variable, else the file in ~/.postgresql if it
+        // exists.
+        let file = |given: Option<String>, var: &str, default: &str| {
+            given.or_else(|| env(var)).map(PathBuf::from).or_else(|| {
+                let path = PathBuf::from(std::env::var_os("HOME")?)
+                    .join(".postgresql")
+                    .join(default);
+                path.exists().then_some(path)
+            })
+        };
+        let root_cert = file(ssl.root_cert, "PGSSLROOTCERT", "root.crt");
+        let client_cert = match (
+            file(ssl.cert, "PGSSLCERT", "postgresql.crt"),
+            file(ssl.key, "PGSSLKEY", "postgresql.key"),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (Some(c), None) => {
+                return Err(ConnError::Params(format!(
+                    "sslcert {} given without sslkey",
+                    c.display()
+                )))
+            }
+            _ => None,
+        };
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => host_from(h),
             Some(tokio_postgres::config::Host::Unix(p)) => Host::Unix(p.clone()),
@@ -164,7 +181,11 @@ impl ConnParams {
                 .map(str::to_string)
                 .or_else(|| env("PGAPPNAME"))
                 .unwrap_or_else(|| application_name.to_string()),
-            tls: TlsSettings { mode, root_cert },
+            tls: TlsSettings {
+                mode,
+                root_cert,
+                client_cert,
+            },
         })
     }
 

@@ -2,7 +2,8 @@
 //! `disable`; `allow`/`prefer` (TLS if the server offers it, no verification; the default);
 //! `require` (TLS or fail; verified against `sslrootcert` when one is given, as libpq does);
 //! `verify-ca` (certificate chain checked against `sslrootcert`); `verify-full` (and the host
-//! name). Unix sockets never use TLS, as with libpq.
+//! name). Unix sockets never use TLS, as with libpq. A client certificate (`sslcert`,
+//! `sslkey`) is offered when one is configured, for `cert` authentication.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -42,6 +43,45 @@ pub struct TlsSettings {
     pub mode: SslMode,
     /// `sslrootcert`: PEM file of trusted certificates.
     pub root_cert: Option<PathBuf>,
+    /// `sslcert` and `sslkey`: the client certificate chain and its key (PEM), for servers
+    /// that authenticate replication by certificate (`cert` in pg_hba.conf).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// The client certificate chain and private key, from PEM files.
+fn client_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("sslcert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("sslcert {}: no certificate in it", cert.display()));
+    }
+    // As libpq: a key others can read is refused (0600 or less; 0640 when root owns it).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(key).map_err(|e| format!("sslkey {}: {e}", key.display()))?;
+        let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+        if meta.mode() & 0o777 & !allowed != 0 {
+            return Err(format!(
+                "sslkey {} has group or world access (mode {:o}); it must be 0600 or less \
+                 (0640 if root owns it)",
+                key.display(),
+                meta.mode() & 0o777
+            ));
+        }
+    }
+    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("sslkey {}: {e}", key.display()))?;
+    Ok((chain, key_der))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -165,6 +205,24 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// Always offers the one client certificate configured.
+#[derive(Debug)]
+struct ClientIdentity(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The client configuration for `settings`.
 pub fn client_config(settings: &TlsSettings) -> Result<rustls::ClientConfig, String> {
     let provider = provider();
@@ -181,68 +239,91 @@ pub fn client_config(settings: &TlsSettings) -> Result<rustls::ClientConfig, Str
             "sslmode verify-ca/verify-full needs sslrootcert (or ~/.postgresql/root.crt)"
                 .to_string()
         })?;
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&path)?), provider)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&path)?), provider.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
         if settings.mode == SslMode::VerifyFull {
             webpki
         } else {
             Arc::new(ChainOnly(webpki))
         }
     } else {
-        Arc::new(NoVerification(provider))
+        Arc::new(NoVerification(provider.clone()))
     };
-    Ok(builder
+    let builder = builder
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
+        .with_custom_certificate_verifier(verifier);
+    match &settings.client_cert {
+        Some((cert, key_path)) => {
+            let (chain, key) = client_identity(cert, key_path)?;
+            let signer = provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(|e| format!("sslkey {}: {e}", key_path.display()))?;
+            // The certificate goes to the server as it is, as libpq sends it: rustls' own
+            // check would refuse the X.509 v1 certificates PostgreSQL's documentation shows
+            // how to make. The server judges it.
+            let identity = rustls::sign::CertifiedKey::new(chain, signer);
+            Ok(builder.with_client_cert_resolver(Arc::new(ClientIdentity(Arc::new(identity)))))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a conninfo string or URI (tokio-postgres does not
-/// know verify-ca/verify-full); returns the rest and the two values.
-pub fn take_ssl_params(conninfo: &str) -> (String, Option<String>, Option<String>) {
-    let (mut mode, mut root) = (None, None);
+/// The TLS parameters of a conninfo string or URI, which tokio-postgres's parser does not know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SslParams {
+    pub mode: Option<String>,
+    pub root_cert: Option<String>,
+    /// `sslcert` and `sslkey`: a client certificate (PEM chain) and its private key.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+impl SslParams {
+    /// Takes one `key=value` if it is a TLS parameter; false otherwise.
+    fn take(&mut self, key: &str, value: &str) -> bool {
+        let slot = match key {
+            "sslmode" => &mut self.mode,
+            "sslrootcert" => &mut self.root_cert,
+            "sslcert" => &mut self.cert,
+            "sslkey" => &mut self.key,
+            _ => return false,
+        };
+        *slot = Some(value.to_string());
+        true
+    }
+}
+
+/// Takes the TLS parameters out of a conninfo string or URI; returns the rest and them.
+pub fn take_ssl_params(conninfo: &str) -> (String, SslParams) {
+    let mut ssl = SslParams::default();
     let trimmed = conninfo.trim();
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
         if let Ok(mut url) = url::Url::parse(trimmed) {
             let kept: Vec<(String, String)> = url
                 .query_pairs()
-                .filter_map(|(k, v)| match k.as_ref() {
-                    "sslmode" => {
-                        mode = Some(v.into_owned());
-                        None
-                    }
-                    "sslrootcert" => {
-                        root = Some(v.into_owned());
-                        None
-                    }
-                    _ => Some((k.into_owned(), v.into_owned())),
-                })
+                .filter(|(k, v)| !ssl.take(k, v))
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect();
             if kept.is_empty() {
                 url.set_query(None);
             } else {
                 url.query_pairs_mut().clear().extend_pairs(kept);
             }
-            return (url.to_string(), mode, root);
+            return (url.to_string(), ssl);
         }
-        return (conninfo.to_string(), None, None);
+        return (conninfo.to_string(), ssl);
     }
     let rest: Vec<&str> = trimmed
         .split_whitespace()
-        .filter(|tok| {
-            if let Some(v) = tok.strip_prefix("sslmode=") {
-                mode = Some(v.trim_matches('\'').to_string());
-                false
-            } else if let Some(v) = tok.strip_prefix("sslrootcert=") {
-                root = Some(v.trim_matches('\'').to_string());
-                false
-            } else {
-                true
-            }
+        .filter(|tok| match tok.split_once('=') {
+            Some((k, v)) => !ssl.take(k, v.trim_matches('\'')),
+            None => true,
         })
         .collect();
-    (rest.join(" "), mode, root)
+    (rest.join(" "), ssl)
 }
 
 #[cfg(test)]
@@ -251,16 +332,21 @@ mod tests {
 
     #[test]
     fn ssl_params_are_taken_out_of_both_forms() {
-        let (rest, m, r) =
-            take_ssl_params("host=db port=5433 sslmode=verify-full sslrootcert=/ca.pem user=x");
+        let (rest, p) = take_ssl_params(
+            "host=db port=5433 sslmode=verify-full sslrootcert=/ca.pem sslcert='/c.crt' sslkey=/c.key user=x",
+        );
         assert_eq!(rest, "host=db port=5433 user=x");
-        assert_eq!(m.as_deref(), Some("verify-full"));
-        assert_eq!(r.as_deref(), Some("/ca.pem"));
-        let (rest, m, r) =
-            take_ssl_params("postgresql://u@db:5433/x?sslmode=require&application_name=a");
+        assert_eq!(p.mode.as_deref(), Some("verify-full"));
+        assert_eq!(p.root_cert.as_deref(), Some("/ca.pem"));
+        assert_eq!(p.cert.as_deref(), Some("/c.crt"));
+        assert_eq!(p.key.as_deref(), Some("/c.key"));
+        let (rest, p) = take_ssl_params(
+            "postgresql://u@db:5433/x?sslmode=require&application_name=a&sslcert=%2Fc.crt",
+        );
         assert_eq!(rest, "postgresql://u@db:5433/x?application_name=a");
-        assert_eq!(m.as_deref(), Some("require"));
-        assert_eq!(r, None);
+        assert_eq!(p.mode.as_deref(), Some("require"));
+        assert_eq!(p.root_cert, None);
+        assert_eq!(p.cert.as_deref(), Some("/c.crt"));
         assert!(SslMode::parse("verify-ca").is_ok());
         assert!(SslMode::parse("sometimes").is_err());
     }
