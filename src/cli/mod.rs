@@ -306,6 +306,15 @@ fn init_logging(verbose: u8, daemon: bool, format: LogFormat) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Command::Mount(_) | Command::Receive(_));
+    if !daemon {
+        // A reader that stops early (`walfs ls | head`) ends a one-shot command quietly, as
+        // it ends cat or ls, instead of a panic on the broken pipe. Daemons keep ignoring
+        // SIGPIPE: they write to sockets.
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(cli.global.verbose, daemon, cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
