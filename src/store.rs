@@ -606,25 +606,19 @@ impl Archive {
         }
     }
 
-    /// Deletes `names` in the order given, `concurrency` at a time (the backend batches where
-    /// it can); names already gone count as deleted. Returns how many were deleted. Stops at
+    /// Deletes `names` (the backend batches them where it can: S3 deletes up to 1000 per
+    /// request); names already gone count as deleted. Returns how many were deleted. Stops at
     /// the first other error: what was deleted before it stays deleted.
-    pub async fn delete_many(
-        &self,
-        names: &[ArchiveName],
-        concurrency: usize,
-    ) -> Result<u64, Error> {
+    pub async fn delete_many(&self, names: &[ArchiveName]) -> Result<u64, Error> {
         let paths: Vec<Path> = names.iter().map(|n| self.object_path(n)).collect();
+        let mut results = self
+            .store
+            .delete_stream(futures::stream::iter(paths.into_iter().map(Ok)).boxed());
         let mut done = 0u64;
-        for chunk in paths.chunks(concurrency.max(1)) {
-            let batch: Vec<Path> = chunk.to_vec();
-            let locations = futures::stream::iter(batch.into_iter().map(Ok)).boxed();
-            let mut results = self.store.delete_stream(locations);
-            while let Some(r) = results.next().await {
-                match r {
-                    Ok(_) | Err(object_store::Error::NotFound { .. }) => done += 1,
-                    Err(e) => return Err(Error::backend("deleting from the archive", e)),
-                }
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => done += 1,
+                Err(e) => return Err(Error::backend("deleting from the archive", e)),
             }
         }
         Ok(done)

@@ -218,6 +218,15 @@ impl ArchiveName {
             FileKind::History | FileKind::Backup => Ok(None),
         }
     }
+
+    /// The segment a file belongs to in WAL order: the one a segment or `.partial` holds, the
+    /// one a `.backup` file's backup started in; None for history files.
+    pub fn wal_position(&self, size: SegmentSize) -> Result<Option<SegmentId>, NameError> {
+        match self.kind() {
+            FileKind::History => Ok(None),
+            _ => SegmentId::parse(&self.name[..24], size).map(Some),
+        }
+    }
 }
 
 impl fmt::Display for ArchiveName {

@@ -4,7 +4,6 @@ use super::{exit, open_archive, parse_name, Failure};
 use crate::cache::{Cache, RECEIVE_STATE_FILE};
 use crate::config::Settings;
 use crate::ops::{self, import::ImportError, retention};
-use crate::wal::{FileKind, SegmentId};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::time::Duration;
@@ -33,16 +32,14 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
 
 /// A segment number from a segment, `.partial` or `.backup` name.
 fn segno_arg(s: &str, size: crate::wal::SegmentSize) -> Result<u64, Failure> {
-    let name = parse_name(s)?;
-    if name.kind() == FileKind::History {
-        return Err(Failure::new(
+    match parse_name(s)?.wal_position(size) {
+        Ok(Some(id)) => Ok(id.segno),
+        Ok(None) => Err(Failure::new(
             exit::USAGE,
             format!("{s} is a history file, not a segment"),
-        ));
+        )),
+        Err(e) => Err(Failure::new(exit::USAGE, format!("{s}: {e}"))),
     }
-    SegmentId::parse(&name.as_str()[..24], size)
-        .map(|id| id.segno)
-        .map_err(|e| Failure::new(exit::USAGE, format!("{s}: {e}")))
 }
 
 pub(super) async fn verify(
@@ -178,7 +175,7 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
     let mut deleted = 0;
     for batch in names.chunks(256) {
         deleted += archive
-            .delete_many(batch, 64)
+            .delete_many(batch)
             .await
             .inspect_err(|_| pb.abandon())?;
         pb.set_position(deleted);

@@ -8,7 +8,7 @@
 
 use crate::readahead::parse_history;
 use crate::store::{Archive, Entry, Error};
-use crate::wal::{ArchiveName, FileKind, SegmentId, SegmentSize};
+use crate::wal::{ArchiveName, FileKind, SegmentSize};
 use futures::TryStreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,13 +47,7 @@ pub struct Plan {
 
 /// The segment number a segment, `.partial` or `.backup` file belongs to.
 fn segno_of(name: &ArchiveName, size: SegmentSize) -> Option<u64> {
-    match name.kind() {
-        FileKind::Segment | FileKind::Partial => name.segment(size).ok().flatten().map(|s| s.segno),
-        FileKind::Backup => SegmentId::parse(&name.as_str()[..24], size)
-            .ok()
-            .map(|s| s.segno),
-        FileKind::History => None,
-    }
+    name.wal_position(size).ok().flatten().map(|s| s.segno)
 }
 
 /// Plans a deletion. `ancestors` maps a timeline to the parents its history file lists.
@@ -169,6 +163,7 @@ pub async fn plan_archive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::SegmentId;
 
     const MB16: u64 = 16 << 20;
 

@@ -318,8 +318,8 @@ impl Progress {
         self.server_end.fetch_max(end.0, Ordering::Relaxed);
     }
 
-    /// The state as `walfs status` shows it, and the metrics set from it.
-    pub fn snapshot(&self, spool: &Spool) -> serde_json::Value {
+    /// Sets the metrics from the counters and returns the state `walfs status` shows.
+    pub fn publish(&self, spool: &Spool) -> serde_json::Value {
         use crate::telemetry::{set_counter, set_gauge};
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (flushed, server) = (g(&self.flushed), g(&self.server_end));
@@ -424,7 +424,7 @@ impl Receiver {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let state = progress.snapshot(&spool);
+                let state = progress.publish(&spool);
                 if let Err(e) = crate::telemetry::write_state(&path, &state) {
                     tracing::debug!(error = %e, path = %path.display(), "writing the state file failed");
                 }
@@ -460,7 +460,7 @@ impl Receiver {
         // Give the uploader a moment to drain; what is left stays durable in the spool.
         let _ = tokio::time::timeout(Duration::from_secs(10), uploader).await;
         publisher.abort();
-        let mut last = self.progress.snapshot(&self.spool);
+        let mut last = self.progress.publish(&self.spool);
         last["stopped"] = true.into();
         let _ = crate::telemetry::write_state(&self.state_path(), &last);
         result
