@@ -6,7 +6,6 @@
 //! still young enough), so deleting never opens a gap inside what is kept. `.history` files go
 //! only when no kept file needs them.
 
-use crate::readahead::parse_history;
 use crate::store::{Archive, Entry, Error};
 use crate::wal::{ArchiveName, FileKind, SegmentSize};
 use futures::TryStreamExt;
@@ -144,19 +143,15 @@ pub async fn plan_archive(
 ) -> Result<Result<Plan, RetentionError>, Error> {
     let size = archive.require_identity().await?.segment_size()?;
     let entries: Vec<Entry> = archive.list(None).try_collect().await?;
-    let mut ancestors = BTreeMap::new();
-    for e in entries
+    let histories = entries
         .iter()
-        .filter(|e| e.name.kind() == FileKind::History)
-    {
-        if let Some(data) = archive.fetch(&e.name).await? {
-            let parents = parse_history(&String::from_utf8_lossy(&data))
-                .into_iter()
-                .map(|s| s.parent)
-                .collect::<Vec<_>>();
-            ancestors.insert(e.name.timeline(), parents);
-        }
-    }
+        .map(|e| &e.name)
+        .filter(|n| n.kind() == FileKind::History);
+    let ancestors = super::read_histories(archive, histories)
+        .await?
+        .into_iter()
+        .map(|(tli, switches)| (tli, switches.iter().map(|s| s.parent).collect()))
+        .collect();
     Ok(plan(&entries, &ancestors, size, rule))
 }
 

@@ -1,6 +1,5 @@
 //! `walfs verify`: ranges, gaps, timelines and (deep) integrity of a whole archive.
 
-use crate::readahead::parse_history;
 use crate::store::{Archive, Error};
 use crate::wal::{ArchiveName, FileKind, SegmentSize};
 use futures::{StreamExt, TryStreamExt};
@@ -84,14 +83,11 @@ pub async fn verify(
             FileKind::Backup => {}
         }
     }
-    let mut forks: BTreeMap<u32, (u32, crate::wal::Lsn)> = BTreeMap::new();
-    for h in &histories {
-        if let Some(data) = archive.fetch(h).await? {
-            if let Some(last) = parse_history(&String::from_utf8_lossy(&data)).last() {
-                forks.insert(h.timeline(), (last.parent, last.end));
-            }
-        }
-    }
+    let forks: BTreeMap<u32, (u32, crate::wal::Lsn)> = super::read_histories(archive, &histories)
+        .await?
+        .into_iter()
+        .filter_map(|(tli, switches)| switches.last().map(|s| (tli, (s.parent, s.end))))
+        .collect();
     let name_of =
         |timeline: u32, segno: u64| crate::wal::SegmentId { timeline, segno }.file_name(size);
     let mut report = VerifyReport {
