@@ -15,7 +15,7 @@
 use crate::readahead::{parse_history, Planner, Timelines};
 use crate::store::{Archive, Entry, Error, PushOutcome};
 use crate::wal::{ArchiveName, FileKind, SegmentId, SegmentSize};
-use bytes::Bytes;
+
 use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -271,18 +271,31 @@ impl Cache {
         self.new_file(&self.plain_dir, name)
     }
 
-    /// Lands verified plaintext in the cache. The file is unlinked at once and kept only
-    /// through its descriptor, so eviction, crashes and restarts never leave bytes behind
-    /// that no index knows of.
-    fn land(&self, name: &ArchiveName, data: &[u8]) -> io::Result<Arc<CachedFile>> {
+    /// Lands a copy of a local file (the write spool, the receiver's spool) in the cache:
+    /// copied block by block at explicit offsets, never through memory whole. The copy is
+    /// unlinked at once and kept only through its descriptor, so eviction, crashes and
+    /// restarts never leave bytes behind that no index knows of.
+    fn land_copy(
+        &self,
+        name: &ArchiveName,
+        src: &std::fs::File,
+        len: u64,
+        provisional: bool,
+    ) -> io::Result<Arc<CachedFile>> {
         let (file, path) = self.new_plain_file(name)?;
-        let written = file.write_all_at(data, 0);
         let _ = std::fs::remove_file(&path);
-        written?;
+        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], at)?;
+            file.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
         Ok(Arc::new(CachedFile {
             file,
-            len: data.len() as u64,
-            provisional: false,
+            len,
+            provisional,
         }))
     }
 
@@ -290,12 +303,14 @@ impl Cache {
     /// time, then kept in the LRU. History files met on the way feed the read-ahead planner.
     async fn load(&self, name: &ArchiveName) -> Result<Arc<CachedFile>, Arc<LoadError>> {
         let load = async {
-            // A young archive without an identity yet is empty, not misconfigured: the mount
-            // checks the archive is reachable when it starts.
-            // Received but not uploaded yet: durable here, plaintext, the same bytes.
-            let file = match tokio::fs::read(self.spooled(name)).await {
-                Ok(d) => tokio::task::block_in_place(|| self.land(name, &d))?,
-                Err(_) => {
+            // Received but not uploaded yet: durable here, plaintext, the same bytes. Only a
+            // spool that has no such file sends the read to the archive.
+            let file = match std::fs::File::open(self.spooled(name)) {
+                Ok(src) => {
+                    let len = src.metadata()?.len();
+                    tokio::task::block_in_place(|| self.land_copy(name, &src, len, false))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     // Decoded straight into a private, unlinked file: no plaintext in memory.
                     let (f, path) = self.new_plain_file(name)?;
                     let _ = std::fs::remove_file(&path);
@@ -305,10 +320,11 @@ impl Cache {
                             len,
                             provisional: false,
                         }),
-                        Ok(None) | Err(Error::NoArchive(_)) => return Err(LoadError::Absent),
+                        Ok(None) => return Err(LoadError::Absent),
                         Err(e) => return Err(e.into()),
                     }
                 }
+                Err(e) => return Err(LoadError::Local(e)),
             };
             if name.kind() == FileKind::History {
                 let text = file.read_at(0, u32::try_from(file.len()).unwrap_or(u32::MAX))?;
@@ -347,41 +363,47 @@ impl Cache {
     }
 
     /// The newest segment being received, when `--serve-partial` is on: (its name, path).
-    fn newest_partial(&self) -> Option<(ArchiveName, PathBuf)> {
+    /// A spool that cannot be read is an error, never "nothing there".
+    fn newest_partial(&self) -> io::Result<Option<(ArchiveName, PathBuf)>> {
         if !self.serve_partial {
-            return None;
+            return Ok(None);
         }
         let dir = self.spool.join("current");
-        let newest = std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".partial"))
-            .max()?;
-        let name = ArchiveName::parse(newest.trim_end_matches(".partial")).ok()?;
-        Some((name, dir.join(newest)))
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut newest: Option<String> = None;
+        for e in entries {
+            let n = e?.file_name().into_string().unwrap_or_default();
+            if n.ends_with(".partial") && newest.as_ref().is_none_or(|m| &n > m) {
+                newest = Some(n);
+            }
+        }
+        Ok(newest.and_then(|n| {
+            let name = ArchiveName::parse(n.trim_end_matches(".partial")).ok()?;
+            Some((name, dir.join(n)))
+        }))
     }
 
     /// `name` served from the segment `walfs receive` is writing: full size, zero tail.
     async fn open_partial(&self, name: &ArchiveName) -> io::Result<Option<Arc<CachedFile>>> {
-        let Some((newest, path)) = self.newest_partial() else {
+        let Some((newest, path)) = self.newest_partial()? else {
             return Ok(None);
         };
         if &newest != name {
             return Ok(None);
         }
-        let data = match tokio::fs::read(&path).await {
-            Ok(d) => d,
+        let src = match std::fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None), // completed meanwhile
             Err(e) => return Err(e),
         };
-        let file = tokio::task::block_in_place(|| self.land(name, &data))?;
+        let len = src.metadata()?.len();
+        let file = tokio::task::block_in_place(|| self.land_copy(name, &src, len, true))?;
         tracing::info!(%name, "serving the segment being received (--serve-partial)");
-        Ok(Some(Arc::new(CachedFile {
-            file: file.file.try_clone()?,
-            len: file.len,
-            provisional: true,
-        })))
+        Ok(Some(file))
     }
 
     fn spooled(&self, name: &ArchiveName) -> PathBuf {
@@ -432,7 +454,13 @@ impl Cache {
         if ra.max_bytes == 0 {
             return;
         }
-        let Ok(Some(identity)) = self.archive.identity().await else {
+        // Never wait on the store here: the reader is waiting for this open. Without the
+        // identity (the store did not answer yet), read it for the next open, plan nothing.
+        let Some(identity) = self.archive.known_identity() else {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _ = this.archive.identity().await;
+            });
             return;
         };
         let Ok(size) = identity.segment_size() else {
@@ -627,14 +655,20 @@ impl Cache {
         cache_dir.join(archive_dir_name(url)).join("stats.json")
     }
 
-    /// The plaintext size of `name`, or None when it is not archived. One small ranged read
-    /// the first time; remembered after that (archived files never change).
+    /// The plaintext size of `name`, or None when it is authoritatively not archived. One
+    /// small ranged read the first time; remembered after that (archived files never change).
     pub async fn size(&self, name: &ArchiveName) -> Result<Option<u64>, Error> {
         if let Some(s) = self.sizes.get(name) {
             return Ok(Some(s));
         }
-        if let Ok(m) = tokio::fs::metadata(self.spooled(name)).await {
-            return Ok(Some(m.len()));
+        let local = |e: io::Error| Error::Output {
+            name: name.to_string(),
+            why: format!("reading the receiver's spool: {e}"),
+        };
+        match tokio::fs::metadata(self.spooled(name)).await {
+            Ok(m) => return Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(local(e)),
         }
         let size = self.archive.header(name).await?.map(|h| h.plaintext_len);
         if let Some(s) = size {
@@ -642,21 +676,34 @@ impl Cache {
             return Ok(size);
         }
         // Not remembered: the complete segment replaces it later.
-        if let Some((newest, path)) = self.newest_partial() {
+        if let Some((newest, path)) = self.newest_partial().map_err(local)? {
             if &newest == name {
-                return Ok(tokio::fs::metadata(path).await.ok().map(|m| m.len()));
+                return match tokio::fs::metadata(path).await {
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(local(e)),
+                };
             }
         }
         Ok(None)
     }
 
-    /// Archives `data` under `name` and, once durable, serves it from the cache at once.
-    pub async fn push(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
-        let outcome = self.archive.push(name, data.clone()).await?;
-        match tokio::task::block_in_place(|| self.land(name, &data)) {
-            Ok(file) => {
-                self.sizes.insert(name.clone(), file.len());
-                self.files.insert(name.clone(), file).await;
+    /// Archives the first `len` bytes of `file` under `name` and, once durable, serves a copy
+    /// from the cache at once.
+    pub async fn push_file(
+        &self,
+        name: &ArchiveName,
+        file: std::fs::File,
+        len: u64,
+    ) -> Result<PushOutcome, Error> {
+        let copy = file.try_clone();
+        let outcome = self.archive.push_file(name, file, len).await?;
+        let landed = copy
+            .and_then(|src| tokio::task::block_in_place(|| self.land_copy(name, &src, len, false)));
+        match landed {
+            Ok(f) => {
+                self.sizes.insert(name.clone(), len);
+                self.files.insert(name.clone(), f).await;
             }
             // The archive has it; only the shortcut is lost.
             Err(e) => tracing::warn!(%name, error = %e, "could not cache an archived file"),
@@ -711,17 +758,36 @@ mod tests {
         )
     }
 
+    /// Archives `data` through the cache as the mount does: from a (spool) file.
+    async fn push(c: &Cache, name: &ArchiveName, data: &[u8]) {
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(data, 0).unwrap();
+        c.push_file(name, f, data.len() as u64).await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn write_through_then_read_and_sizes() {
         let dir = tempfile::tempdir().unwrap();
         let c = cache(dir.path(), 1 << 20);
         let name = ArchiveName::parse("00000002.history").unwrap();
+        // No archive yet: that is not "absent".
+        assert!(matches!(
+            c.open(&name).await.unwrap_err().as_ref(),
+            LoadError::Store(Error::NoArchive(_))
+        ));
+        let first = ArchiveName::parse("000000010000000000000001").unwrap();
+        push(
+            &c,
+            &first,
+            &crate::store::test_segment(first.as_str(), 7, 1 << 20),
+        )
+        .await;
         assert!(matches!(
             c.open(&name).await.unwrap_err().as_ref(),
             LoadError::Absent
         ));
-        let body = Bytes::from_static(b"1\t0/3000000\tno recovery target specified\n");
-        c.push(&name, body.clone()).await.unwrap();
+        let body = b"1\t0/3000000\tno recovery target specified\n";
+        push(&c, &name, body).await;
         let f = c.open(&name).await.unwrap();
         assert_eq!(f.read_at(0, 1000).unwrap(), body);
         assert_eq!(f.read_at(2, 3).unwrap(), &body[2..5]);
@@ -736,18 +802,46 @@ mod tests {
     async fn absent_is_not_cached() {
         let dir = tempfile::tempdir().unwrap();
         let c = cache(dir.path(), 1 << 20);
+        let first = ArchiveName::parse("000000010000000000000001").unwrap();
+        push(
+            &c,
+            &first,
+            &crate::store::test_segment(first.as_str(), 7, 1 << 20),
+        )
+        .await;
         let h1 = ArchiveName::parse("00000002.history").unwrap();
-        c.push(&h1, Bytes::from_static(b"x\n")).await.unwrap();
+        push(&c, &h1, b"1\t0/3000000\tx\n").await;
         let h3 = ArchiveName::parse("00000003.history").unwrap();
         assert!(matches!(
             c.open(&h3).await.unwrap_err().as_ref(),
             LoadError::Absent
         ));
         assert_eq!(c.size(&h3).await.unwrap(), None);
+        let body = b"1\t0/3000000\tx\n2\t0/5000000\ty\n";
         c.archive()
-            .push(&h3, Bytes::from_static(b"y\n"))
+            .push(&h3, bytes::Bytes::from_static(body))
             .await
             .unwrap();
-        assert_eq!(c.open(&h3).await.unwrap().read_at(0, 10).unwrap(), b"y\n");
+        assert_eq!(c.open(&h3).await.unwrap().read_at(0, 100).unwrap(), body);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_spool_that_cannot_be_read_is_never_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 1 << 20);
+        let first = ArchiveName::parse("000000010000000000000001").unwrap();
+        push(
+            &c,
+            &first,
+            &crate::store::test_segment(first.as_str(), 7, 1 << 20),
+        )
+        .await;
+        // A spooled name that is a directory: opening it for reading fails with EISDIR.
+        let name = ArchiveName::parse("000000010000000000000002").unwrap();
+        std::fs::create_dir_all(c.spooled(&name).join("x")).unwrap();
+        assert!(matches!(
+            c.open(&name).await.unwrap_err().as_ref(),
+            LoadError::Local(_)
+        ));
     }
 }

@@ -22,6 +22,10 @@ pub struct FileSettings {
     pub retry_timeout: Option<String>,
     /// Bytes of plaintext the local cache keeps, such as "2GiB".
     pub cache_size: Option<String>,
+    /// How long a recovering server's restore waits for the store ("10min", or "forever").
+    pub recovery_timeout: Option<String>,
+    /// How long a standby's restore waits for the store before it streams instead.
+    pub standby_timeout: Option<String>,
 }
 
 /// What flags and environment gave (None where neither did).
@@ -34,6 +38,24 @@ pub struct Overrides {
     pub compression_level: Option<i32>,
     pub retry_timeout: Option<Duration>,
     pub cache_size: Option<u64>,
+    pub recovery_timeout: Option<Wait>,
+    pub standby_timeout: Option<Duration>,
+}
+
+/// A bound on waiting, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    For(Duration),
+    Forever,
+}
+
+impl Wait {
+    pub fn bound(self) -> Option<Duration> {
+        match self {
+            Wait::For(d) => Some(d),
+            Wait::Forever => None,
+        }
+    }
 }
 
 /// The settings in force.
@@ -45,6 +67,8 @@ pub struct Settings {
     pub compression_level: i32,
     pub retry_timeout: Duration,
     pub cache_size: u64,
+    pub recovery_timeout: Wait,
+    pub standby_timeout: Duration,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -122,6 +146,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); try 90s or 5m"))
 }
 
+/// A duration, or `forever` (also `infinity`, `none`): no bound.
+pub fn parse_wait(s: &str) -> Result<Wait, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "forever" | "infinity" | "none" => Ok(Wait::Forever),
+        _ => parse_duration(s).map(Wait::For),
+    }
+}
+
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     let err = |why: String| ConfigError::File {
         path: path.to_path_buf(),
@@ -143,22 +175,57 @@ impl Settings {
             }
             None => (FileSettings::default(), None),
         };
-        let retry_timeout = match (o.retry_timeout, &file.retry_timeout) {
-            (Some(d), _) => d,
-            (None, Some(s)) => parse_duration(s).map_err(|why| ConfigError::File {
-                path: config_file.clone().unwrap_or_default(),
-                why: format!("retry-timeout: {why}"),
-            })?,
-            (None, None) => Duration::from_secs(60),
-        };
-        let cache_size = match (o.cache_size, &file.cache_size) {
-            (Some(n), _) => n,
-            (None, Some(s)) => parse_size(s).map_err(|why| ConfigError::File {
-                path: config_file.clone().unwrap_or_default(),
-                why: format!("cache-size: {why}"),
-            })?,
-            (None, None) => 1 << 30,
-        };
+        // A flag or variable wins; else the file's value (parsed, errors naming the key);
+        // else the default.
+        fn pick<T: Copy>(
+            flag: Option<T>,
+            file: &Option<String>,
+            key: &str,
+            parse: fn(&str) -> Result<T, String>,
+            default: T,
+            config_file: &Option<PathBuf>,
+        ) -> Result<T, ConfigError> {
+            match (flag, file) {
+                (Some(v), _) => Ok(v),
+                (None, Some(s)) => parse(s).map_err(|why| ConfigError::File {
+                    path: config_file.clone().unwrap_or_default(),
+                    why: format!("{key}: {why}"),
+                }),
+                (None, None) => Ok(default),
+            }
+        }
+        let retry_timeout = pick(
+            o.retry_timeout,
+            &file.retry_timeout,
+            "retry-timeout",
+            parse_duration,
+            Duration::from_secs(60),
+            &config_file,
+        )?;
+        let cache_size = pick(
+            o.cache_size,
+            &file.cache_size,
+            "cache-size",
+            parse_size,
+            1 << 30,
+            &config_file,
+        )?;
+        let recovery_timeout = pick(
+            o.recovery_timeout,
+            &file.recovery_timeout,
+            "recovery-timeout",
+            parse_wait,
+            Wait::For(Duration::from_secs(600)),
+            &config_file,
+        )?;
+        let standby_timeout = pick(
+            o.standby_timeout,
+            &file.standby_timeout,
+            "standby-timeout",
+            parse_duration,
+            Duration::from_secs(5),
+            &config_file,
+        )?;
         let compression_level = o.compression_level.or(file.compression_level).unwrap_or(3);
         if !(0..=22).contains(&compression_level) {
             return Err(ConfigError::Invalid(format!(
@@ -180,6 +247,8 @@ impl Settings {
             compression_level,
             retry_timeout,
             cache_size,
+            recovery_timeout,
+            standby_timeout,
             config_file,
         })
     }
@@ -207,6 +276,24 @@ mod tests {
         assert_eq!(s.key_file, Some(PathBuf::from("/k")));
         assert_eq!(s.compression_level, 9);
         assert_eq!(s.retry_timeout, Duration::from_secs(120));
+        assert_eq!(s.recovery_timeout, Wait::For(Duration::from_secs(600)));
+        assert_eq!(s.standby_timeout, Duration::from_secs(5));
+        std::fs::write(
+            &p,
+            "recovery-timeout = \"forever\"\nstandby-timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(&o).unwrap();
+        assert_eq!(s.recovery_timeout, Wait::Forever);
+        assert_eq!(s.standby_timeout, Duration::from_secs(2));
+        std::fs::write(&p, "recovery-timeout = \"soon\"\n").unwrap();
+        let e = Settings::resolve(&o).unwrap_err().to_string();
+        assert!(e.contains("recovery-timeout"), "{e}");
+        std::fs::write(
+            &p,
+            "archive = \"s3://bucket/x\"\nkey-file = \"/k\"\ncompression-level = 9\nretry-timeout = \"2m\"\n",
+        )
+        .unwrap();
         o.archive = Some("file:///a".into());
         o.compression_level = Some(1);
         let s = Settings::resolve(&o).unwrap();

@@ -393,43 +393,98 @@ fn workers(chunks: usize) -> usize {
     cores.min(chunks).max(1)
 }
 
-/// Seals `plaintext` as the object for archive name `name`. CPU-bound: call from a blocking
-/// context. Chunks are spread over the machine's cores.
+/// Plaintext to seal, read at offsets: bytes in memory, or a file of known length (so a
+/// 1 GiB segment is never held in memory whole).
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Bytes(&'a [u8]),
+    File(&'a std::fs::File, u64),
+}
+
+impl Source<'_> {
+    pub fn len(&self) -> u64 {
+        match self {
+            Source::Bytes(b) => b.len() as u64,
+            Source::File(_, len) => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` from `offset`; a file shorter than its announced length is an error.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            Source::Bytes(b) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                let src = b
+                    .get(start..start.saturating_add(buf.len()))
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            Source::File(f, _) => std::os::unix::fs::FileExt::read_exact_at(*f, buf, offset),
+        }
+    }
+
+    /// SHA-256 of the whole plaintext, read block by block.
+    pub fn digest(&self) -> std::io::Result<[u8; 32]> {
+        if let Source::Bytes(b) = self {
+            return Ok(digest(b));
+        }
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < self.len() {
+            let n = (self.len() - at).min(buf.len() as u64) as usize;
+            self.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(h.finalize().into())
+    }
+}
+
+/// Seals `plaintext` as the object for archive name `name`, in memory. CPU-bound: call from a
+/// blocking context.
 pub fn seal(name: &str, plaintext: &[u8], key: Option<&Key>, opts: SealOptions) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() / 2);
+    match seal_to(name, Source::Bytes(plaintext), key, opts, &mut out) {
+        Ok(_) => out,
+        // Reading memory and writing a Vec cannot fail.
+        Err(e) => unreachable!("sealing in memory failed: {e}"),
+    }
+}
+
+/// Seals `src` as the object for archive name `name` and writes it to `out`; returns the
+/// object's length. Memory stays at a few chunks whatever the file's size: one pass hashes the
+/// plaintext (the digest is in the header, which every chunk authenticates), a second
+/// compresses a window of chunks on every core and writes them in order. CPU-bound: call from
+/// a blocking context.
+pub fn seal_to(
+    name: &str,
+    src: Source<'_>,
+    key: Option<&Key>,
+    opts: SealOptions,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<u64> {
+    if src.len() > MAX_PLAINTEXT {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes: larger than any WAL file ({MAX_PLAINTEXT})",
+                src.len()
+            ),
+        ));
+    }
     let mut nonce_prefix = [0u8; 7];
     if key.is_some() {
         // A nonce must never repeat under one key: 56 random bits per object, plus the chunk
         // index, leave the chance of a collision negligible for any archive's lifetime.
-        getrandom::getrandom(&mut nonce_prefix).expect("the OS random source failed");
+        getrandom::getrandom(&mut nonce_prefix)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
-    assert!(
-        plaintext.len() as u64 <= MAX_PLAINTEXT,
-        "file too large to seal"
-    );
-    let chunk_size = opts.chunk_size as usize;
-    let n = plaintext.len().div_ceil(chunk_size).max(1);
-    // Compression (the costly part) does not depend on the header, so it runs on every core
-    // while one more thread hashes the file; sealing needs the digest (it is in the header,
-    // and the header is every chunk's associated data) and is cheap.
-    let threads = workers(n);
-    let mut records: Vec<Vec<u8>> = vec![Vec::new(); n];
-    let digest = std::thread::scope(|s| {
-        let hasher = s.spawn(|| digest(plaintext));
-        let per = n.div_ceil(threads);
-        for (t, slots) in records.chunks_mut(per).enumerate() {
-            s.spawn(move || {
-                for (j, slot) in slots.iter_mut().enumerate() {
-                    let i = t * per + j;
-                    let start = (i * chunk_size).min(plaintext.len());
-                    let end = (start + chunk_size).min(plaintext.len());
-                    *slot = compress_chunk(&plaintext[start..end], opts.level);
-                }
-            });
-        }
-        hasher
-            .join()
-            .unwrap_or_else(|_| Sha256::digest(plaintext).into())
-    });
     let header = Header {
         cipher: if key.is_some() {
             Cipher::Aes256Gcm
@@ -442,23 +497,54 @@ pub fn seal(name: &str, plaintext: &[u8], key: Option<&Key>, opts: SealOptions) 
             Compression::None
         },
         chunk_size: opts.chunk_size,
-        plaintext_len: plaintext.len() as u64,
+        plaintext_len: src.len(),
         key_id: key.map_or(KeyId([0; 8]), Key::id),
         nonce_prefix,
-        digest,
+        digest: src.digest()?,
     };
     let header_bytes = header.to_bytes();
     let sealer = Sealer::new(&header, &header_bytes, name, key);
-    for (i, r) in records.iter_mut().enumerate() {
-        sealer.seal_record(i, r);
+    out.write_all(&header_bytes)?;
+    let mut written = HEADER_LEN as u64;
+    let chunk_size = opts.chunk_size as usize;
+    let n = header.chunk_count();
+    let threads = workers(n);
+    let mut buffers: Vec<Vec<u8>> = vec![vec![0u8; chunk_size]; threads];
+    let mut first = 0;
+    while first < n {
+        let count = threads.min(n - first);
+        let records: Vec<std::io::Result<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = buffers[..count]
+                .iter_mut()
+                .enumerate()
+                .map(|(j, buf)| {
+                    let i = first + j;
+                    s.spawn(move || {
+                        let start = (i * chunk_size) as u64;
+                        let len =
+                            (src.len() - start.min(src.len())).min(chunk_size as u64) as usize;
+                        src.read_exact_at(&mut buf[..len], start)?;
+                        Ok(compress_chunk(&buf[..len], opts.level))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("sealing worker panicked")))
+                })
+                .collect()
+        });
+        for (j, record) in records.into_iter().enumerate() {
+            let mut record = record?;
+            sealer.seal_record(first + j, &mut record);
+            out.write_all(&record)?;
+            written += record.len() as u64;
+        }
+        first += count;
     }
-    let total = HEADER_LEN + records.iter().map(Vec::len).sum::<usize>();
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(&header_bytes);
-    for r in records {
-        out.extend_from_slice(&r);
-    }
-    out
+    Ok(written)
 }
 
 /// A sink for opened plaintext: `(offset, bytes)`, called from several threads.

@@ -1,35 +1,41 @@
-//! The `fuser::Filesystem` adapter: the archive as one flat directory.
+//! The mount's filesystem logic, free of FUSE: the archive as one flat directory of inodes,
+//! the write protocol that archives a file when it is closed, and the read path under the
+//! restore policy. `crate::fuse` is the thin adapter that turns kernel requests into these
+//! calls and [`FsError`]s into errnos (the one mapping, [`FsError::errno`]).
 //!
-//! Every request that may touch the network is answered from a tokio task, so the FUSE loop
-//! never waits on the object store. Writes go to a spool file and are archived on `flush`
-//! (the close that `cp` checks) or `fsync`; the reply waits for the store's confirmation, so
-//! close() returns 0 only for durable data. Reads are served from the cache once the whole
-//! object authenticated.
+//! Writing (`cp %p MOUNT/%f`): `create` gives a spool file in the cache directory; writes land
+//! there; the close that `cp` checks (FUSE `flush`) seals and uploads it with put-if-absent and
+//! succeeds only once the store confirmed. An archived name is immutable, so nothing that
+//! may be incomplete is ever archived:
+//! - a flush with nothing written (a shell's `open, dup2, close` of a redirection) is a no-op;
+//! - a flush from an exiting process (a writer killed mid-file: the kernel closes its files)
+//!   archives nothing;
+//! - `fsync` makes the spool durable and archives nothing (a writer may fsync part-way);
+//! - the store refuses empty, cut or malformed files of every kind (`crate::store`).
+//!
+//! Reading (`cp MOUNT/%f %p`): `lookup` answers with the exact size from a small ranged read,
+//! `open` fetches and authenticates the whole object into the cache first. Every failure other
+//! than authoritative absence goes through [`crate::restore::Policy`]: a recovering server's
+//! read waits for the store, or has its restore_command killed so PostgreSQL stops with FATAL;
+//! it never sees ENOENT for a file it cannot get.
 
 use crate::cache::{Cache, CachedFile, LoadError};
-use crate::store::{Entry, Error as StoreError};
+use crate::caller::Processes;
+use crate::restore::{Policy, Refusal, Trouble};
+use crate::store::{Entry as Listed, Error as StoreError};
 use crate::wal::{ArchiveName, FileKind};
-use bytes::Bytes;
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
-};
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-const ROOT: u64 = 1;
+pub const ROOT: u64 = 1;
 /// Archived files never change: the kernel may keep their attributes a while.
-const TTL_ARCHIVED: Duration = Duration::from_secs(60);
-const TTL_ROOT: Duration = Duration::from_secs(1);
-/// What `st_blksize` says: `cp` sizes its buffers by it.
-const BLKSIZE: u32 = 1 << 20;
+pub const TTL_ARCHIVED: Duration = Duration::from_secs(60);
+pub const TTL_ROOT: Duration = Duration::from_secs(1);
 /// No file PostgreSQL archives is larger than the largest segment.
 const MAX_FILE: u64 = 1 << 30;
 
@@ -45,14 +51,104 @@ pub struct MountOptions {
     pub passthrough: bool,
 }
 
+/// Why a request failed; [`FsError::errno`] is the one place these become errnos.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsError {
+    /// ENOENT: authoritatively not in the archive (or not a name it could hold).
+    NotFound,
+    /// EEXIST: another file is archived under this name.
+    Exists,
+    /// EINVAL: not a WAL archive name, or content the archive refuses.
+    Invalid,
+    /// EBUSY: a writer and a reader, or two writers, on one name.
+    Busy,
+    /// EPERM: not allowed on this mount.
+    NotPermitted,
+    /// EROFS: a read-only mount.
+    ReadOnly,
+    /// EBADF: no such handle.
+    BadHandle,
+    /// EFBIG: larger than any WAL file.
+    TooBig,
+    /// ENOTDIR.
+    NotDir,
+    /// EINTR: the caller was killed while it waited.
+    Interrupted,
+    /// EIO: anything else; never taken for absence by walfs itself.
+    Io,
+}
+
+impl FsError {
+    pub fn errno(self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::Invalid => libc::EINVAL,
+            FsError::Busy => libc::EBUSY,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::BadHandle => libc::EBADF,
+            FsError::TooBig => libc::EFBIG,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::Interrupted => libc::EINTR,
+            FsError::Io => libc::EIO,
+        }
+    }
+
+    /// A failed archive write (close, fsync).
+    fn from_push(e: &StoreError) -> FsError {
+        match e {
+            StoreError::Conflict { .. } => FsError::Exists,
+            StoreError::Refused { .. } => FsError::Invalid,
+            _ => FsError::Io,
+        }
+    }
+
+    fn local(e: &std::io::Error) -> FsError {
+        match e.raw_os_error() {
+            Some(libc::EFBIG) => FsError::TooBig,
+            _ => FsError::Io,
+        }
+    }
+}
+
+/// What the kernel is told about a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub dir: bool,
+    /// How long the kernel may keep it.
+    pub ttl: Duration,
+}
+
+impl Attr {
+    fn file(ino: u64, size: u64, ttl: Duration) -> Attr {
+        Attr {
+            ino,
+            size,
+            dir: false,
+            ttl,
+        }
+    }
+}
+
 /// A file being written through the mount.
 struct Writer {
     file: std::fs::File,
     path: PathBuf,
     len: u64,
-    dirty: bool,
-    /// Bumped by every change, so a push of an older snapshot does not mark newer data clean.
+    /// Bumped by every change; `archived` is the version last archived (0: nothing written).
     version: u64,
+    archived: u64,
+    /// An archive of this file is under way: writes wait for its outcome.
+    sealing: bool,
+}
+
+impl Writer {
+    fn dirty(&self) -> bool {
+        self.version != self.archived
+    }
 }
 
 impl Drop for Writer {
@@ -61,28 +157,35 @@ impl Drop for Writer {
     }
 }
 
-type SharedWriter = Arc<Mutex<Writer>>;
+struct WriteFile {
+    state: Mutex<Writer>,
+    /// One archive at a time per file (two descriptors closed at once).
+    archiving: tokio::sync::Mutex<()>,
+}
+
+impl WriteFile {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 struct Node {
     name: ArchiveName,
     lookups: u64,
-    writer: Option<SharedWriter>,
+    writer: Option<Arc<WriteFile>>,
     /// Open read handles: a write may not start under a reader's page cache.
     readers: u32,
     /// A writer went through the kernel's page cache for this inode: its pages may hold
     /// bytes the archive refused, so the next read-open must make the kernel drop them.
     stale_pages: bool,
-    /// The kernel passthrough backing shared by this inode's readers (the kernel takes one
-    /// backing file per inode at a time).
-    backing: Option<Arc<fuser::BackingId>>,
 }
 
 /// A directory listing in progress: the backend's stream and where the kernel is in it.
 struct DirCursor {
-    stream: Option<BoxStream<'static, Result<Entry, StoreError>>>,
+    stream: Option<BoxStream<'static, Result<Listed, StoreError>>>,
     /// The offset the kernel asks for to continue this listing.
     next: u64,
-    pending: Option<Entry>,
+    pending: Option<Listed>,
     /// The archive's segment size: a listed segment's size needs no request of its own.
     segment_size: Option<u64>,
     /// Spooled names not (yet) seen in the archive's listing, listed after it (last first).
@@ -93,14 +196,21 @@ enum Open {
     Read {
         ino: u64,
         file: Arc<CachedFile>,
-        /// Set when the kernel reads the cached file directly.
-        _backing: Option<Arc<fuser::BackingId>>,
     },
     Write {
         name: ArchiveName,
-        writer: SharedWriter,
+        writer: Arc<WriteFile>,
     },
     Dir(Arc<tokio::sync::Mutex<DirCursor>>),
+}
+
+/// A file opened for reading.
+pub struct Opened {
+    pub fh: u64,
+    /// The verified plaintext (for passthrough); None for a write handle.
+    pub file: Option<Arc<CachedFile>>,
+    /// The kernel may keep the inode's cached pages (nothing changed them).
+    pub keep_cache: bool,
 }
 
 #[derive(Default)]
@@ -131,7 +241,6 @@ impl State {
                 writer: None,
                 readers: 0,
                 stale_pages: false,
-                backing: None,
             },
         );
         self.by_name.insert(name.clone(), ino);
@@ -152,64 +261,15 @@ impl State {
         self.handles.insert(self.next_fh, Arc::new(open));
         self.next_fh
     }
-}
 
-struct Inner {
-    cache: Arc<Cache>,
-    opts: MountOptions,
-    state: Mutex<State>,
-    started: SystemTime,
-    /// Whether reads of cached files are handed to the kernel (FUSE passthrough, Linux 6.9+,
-    /// root); turned off for good at the first refusal.
-    passthrough: std::sync::atomic::AtomicBool,
-}
-
-impl Inner {
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain maps behind; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn attr(&self, ino: u64, size: u64) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
-            kind: FileType::RegularFile,
-            perm: if self.opts.read_only { 0o440 } else { 0o640 },
-            nlink: 1,
-            uid: self.opts.uid,
-            gid: self.opts.gid,
-            rdev: 0,
-            blksize: BLKSIZE,
-            flags: 0,
-        }
-    }
-
-    fn root_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ROOT),
-            size: 0,
-            blocks: 0,
-            kind: FileType::Directory,
-            perm: if self.opts.read_only { 0o550 } else { 0o750 },
-            nlink: 2,
-            ..self.attr(ROOT, 0)
-        }
-    }
-
-    fn handle(&self, fh: FileHandle) -> Option<Arc<Open>> {
-        self.state().handles.get(&fh.0).cloned()
+    fn node(&self, ino: u64) -> Result<&Node, FsError> {
+        self.nodes.get(&ino).ok_or(FsError::NotFound)
     }
 }
 
 /// A stable, unregistered inode number for readdir's `d_ino` (the kernel looks names up
 /// before it uses them).
-fn listing_ino(name: &ArchiveName) -> u64 {
+pub fn listing_ino(name: &ArchiveName) -> u64 {
     let d = sha2::Digest::finalize(sha2::Digest::chain_update(
         <sha2::Sha256 as sha2::Digest>::new(),
         name.as_str(),
@@ -219,304 +279,246 @@ fn listing_ino(name: &ArchiveName) -> u64 {
     (u64::from_le_bytes(b) >> 1) | (1 << 62)
 }
 
-/// The errno a failed archive operation reports through close(), open() or read().
-fn errno_for(e: &StoreError) -> Errno {
-    match e {
-        StoreError::Conflict { .. } => Errno::EEXIST,
-        StoreError::Refused { .. } => Errno::EINVAL,
-        _ => Errno::EIO,
-    }
-}
-
-pub struct WalFs {
-    rt: tokio::runtime::Handle,
-    inner: Arc<Inner>,
-}
-
-impl WalFs {
-    pub fn new(cache: Arc<Cache>, opts: MountOptions, rt: tokio::runtime::Handle) -> WalFs {
-        WalFs {
-            rt,
-            inner: Arc::new(Inner {
-                cache,
-                opts,
-                state: Mutex::new(State::default()),
-                started: SystemTime::now(),
-                passthrough: std::sync::atomic::AtomicBool::new(false),
-            }),
-        }
-    }
-
-    /// Archives what a writer holds, if anything changed; replies when the store confirmed.
-    fn archive_writer(&self, name: ArchiveName, writer: SharedWriter, reply: ReplyEmpty) {
-        let snapshot = {
-            let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            if !w.dirty {
-                reply.ok();
-                return;
-            }
-            let mut data = vec![0u8; w.len as usize];
-            if let Err(e) = w.file.read_exact_at(&mut data, 0) {
-                tracing::error!(%name, error = %e, "reading the write spool failed");
-                reply.error(Errno::EIO);
-                return;
-            }
-            (data, w.version)
-        };
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            let (data, version) = snapshot;
-            match inner.cache.push(&name, Bytes::from(data)).await {
-                Ok(outcome) => {
-                    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                    if w.version == version {
-                        w.dirty = false;
-                    }
-                    tracing::info!(%name, ?outcome, "archived");
-                    reply.ok();
-                }
-                Err(e) => {
-                    tracing::error!(%name, error = %e, "archiving failed; close() reports it");
-                    reply.error(errno_for(&e));
-                }
-            }
-        });
-    }
-
-    fn new_writer(&self, name: &ArchiveName) -> Result<SharedWriter, Errno> {
-        let (file, path) = self.inner.cache.new_spool_file(name).map_err(|e| {
-            tracing::error!(%name, error = %e, "cannot create a spool file");
-            Errno::from(e)
-        })?;
-        Ok(Arc::new(Mutex::new(Writer {
-            file,
-            path,
-            len: 0,
-            dirty: true,
-            version: 0,
-        })))
-    }
-}
-
-fn parse_child(parent: INodeNo, name: &OsStr) -> Option<ArchiveName> {
-    if parent.0 != ROOT {
+fn parse_child(parent: u64, name: &OsStr) -> Option<ArchiveName> {
+    if parent != ROOT {
         return None;
     }
     ArchiveName::parse(name.to_str()?).ok()
 }
 
-impl Filesystem for WalFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // open(O_TRUNC) arrives as one request instead of open + setattr.
-        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
-        // Reads of verified cached files can bypass this process entirely. The cache sits on
-        // a plain or stacked (overlay) file system.
-        let passthrough = self.inner.opts.passthrough
-            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(2).is_ok();
-        self.inner
-            .passthrough
-            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(passthrough, "kernel read passthrough");
-        Ok(())
+/// The filesystem: see the module documentation.
+pub struct Fs {
+    cache: Arc<Cache>,
+    opts: MountOptions,
+    policy: Policy,
+    procs: Arc<dyn Processes>,
+    state: Mutex<State>,
+}
+
+impl Fs {
+    pub fn new(
+        cache: Arc<Cache>,
+        opts: MountOptions,
+        policy: Policy,
+        procs: Arc<dyn Processes>,
+    ) -> Fs {
+        Fs {
+            cache,
+            opts,
+            policy,
+            procs,
+            state: Mutex::new(State::default()),
+        }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        crate::telemetry::mount_request("lookup");
+    pub fn options(&self) -> &MountOptions {
+        &self.opts
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain maps behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Open>, FsError> {
+        self.state()
+            .handles
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    /// A read that gave up: a recovery is stopped (its restore_command killed: FATAL, not
+    /// "absent"); anyone else gets EIO, or EINTR when it was killed while waiting.
+    fn refused(&self, pid: u32, what: &ArchiveName, r: Refusal) -> FsError {
+        if r.interrupted {
+            return FsError::Interrupted;
+        }
+        if r.fatal {
+            match self.procs.stop(pid) {
+                Ok(()) => tracing::error!(file = %what, pid,
+                    "killed restore_command process {pid}: PostgreSQL stops the recovery with \
+                     FATAL instead of promoting"),
+                Err(e) => tracing::error!(file = %what, pid, error = %e,
+                    "could not kill restore_command process {pid}; it gets EIO"),
+            }
+        }
+        FsError::Io
+    }
+
+    /// The size of `name` under the restore policy (None: authoritatively absent).
+    async fn size(&self, name: &ArchiveName, pid: u32) -> Result<Option<u64>, FsError> {
+        let cache = &self.cache;
+        self.policy
+            .read(
+                &*self.procs,
+                pid,
+                name.as_str(),
+                self.cache.archive().received(),
+                || async move { cache.size(name).await.map_err(|e| Trouble::from(&e)) },
+            )
+            .await
+            .map_err(|r| self.refused(pid, name, r))
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &OsStr, pid: u32) -> Result<Attr, FsError> {
         // Odd names (editors' probes, `.Trash`) are simply absent.
-        let Some(name) = parse_child(parent, name) else {
-            return reply.error(Errno::ENOENT);
-        };
+        let name = parse_child(parent, name).ok_or(FsError::NotFound)?;
         {
-            let mut st = self.inner.state();
+            let mut st = self.state();
             let writing = st
                 .by_name
                 .get(&name)
                 .and_then(|ino| st.nodes.get(ino))
                 .and_then(|n| n.writer.clone());
             if let Some(w) = writing {
-                let len = w.lock().map(|w| w.len).unwrap_or(0);
+                let len = w.lock().len;
                 let ino = st.remember(&name);
-                return reply.entry(&Duration::ZERO, &self.inner.attr(ino, len), Generation(0));
+                return Ok(Attr::file(ino, len, Duration::ZERO));
             }
         }
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            match inner.cache.size(&name).await {
-                Ok(Some(size)) => {
-                    let ino = inner.state().remember(&name);
-                    reply.entry(&TTL_ARCHIVED, &inner.attr(ino, size), Generation(0));
-                }
-                // Not cached by the kernel: PostgreSQL polls for files that appear later.
-                Ok(None) => reply.error(Errno::ENOENT),
-                Err(e) => {
-                    tracing::warn!(%name, error = %e, "lookup failed");
-                    reply.error(Errno::EIO);
-                }
+        match self.size(&name, pid).await? {
+            Some(size) => {
+                let ino = self.state().remember(&name);
+                Ok(Attr::file(ino, size, TTL_ARCHIVED))
             }
-        });
+            // Not cached by the kernel: PostgreSQL polls for files that appear later.
+            None => Err(FsError::NotFound),
+        }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let mut st = self.inner.state();
-        if let Some(n) = st.nodes.get_mut(&ino.0) {
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        let mut st = self.state();
+        if let Some(n) = st.nodes.get_mut(&ino) {
             n.lookups = n.lookups.saturating_sub(nlookup);
         }
-        st.drop_if_unused(ino.0);
+        st.drop_if_unused(ino);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        crate::telemetry::mount_request("getattr");
-        if ino.0 == ROOT {
-            return reply.attr(&TTL_ROOT, &self.inner.root_attr());
+    fn root() -> Attr {
+        Attr {
+            ino: ROOT,
+            size: 0,
+            dir: true,
+            ttl: TTL_ROOT,
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64, pid: u32) -> Result<Attr, FsError> {
+        if ino == ROOT {
+            return Ok(Self::root());
         }
         let (name, writer) = {
-            let st = self.inner.state();
-            match st.nodes.get(&ino.0) {
-                Some(n) => (n.name.clone(), n.writer.clone()),
-                None => return reply.error(Errno::ENOENT),
-            }
+            let st = self.state();
+            let n = st.node(ino)?;
+            (n.name.clone(), n.writer.clone())
         };
         if let Some(w) = writer {
-            let len = w.lock().map(|w| w.len).unwrap_or(0);
-            return reply.attr(&Duration::ZERO, &self.inner.attr(ino.0, len));
+            return Ok(Attr::file(ino, w.lock().len, Duration::ZERO));
         }
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            match inner.cache.size(&name).await {
-                Ok(Some(size)) => reply.attr(&TTL_ARCHIVED, &inner.attr(ino.0, size)),
-                Ok(None) => reply.error(Errno::ENOENT),
-                Err(e) => {
-                    tracing::warn!(%name, error = %e, "getattr failed");
-                    reply.error(Errno::EIO);
-                }
-            }
-        });
+        match self.size(&name, pid).await? {
+            Some(size) => Ok(Attr::file(ino, size, TTL_ARCHIVED)),
+            None => Err(FsError::NotFound),
+        }
     }
 
-    fn setattr(
+    /// `truncate`, `chmod`, `chown`, `utimes`. Owner and mode are the mount's; times are
+    /// ignored; a size only changes a file being written.
+    pub async fn setattr(
         &self,
-        _req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
+        ino: u64,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        if ino.0 == ROOT {
-            return reply.error(Errno::EPERM);
-        }
-        // Owner and mode are the mount's; times are ignored (touch works, nothing changes).
-        if mode.is_some() || uid.is_some() || gid.is_some() {
-            return reply.error(Errno::EPERM);
+        owner_or_mode: bool,
+        pid: u32,
+    ) -> Result<Attr, FsError> {
+        if ino == ROOT || owner_or_mode {
+            return Err(FsError::NotPermitted);
         }
         let (name, writer) = {
-            let st = self.inner.state();
-            match st.nodes.get(&ino.0) {
-                Some(n) => (n.name.clone(), n.writer.clone()),
-                None => return reply.error(Errno::ENOENT),
-            }
+            let st = self.state();
+            let n = st.node(ino)?;
+            (n.name.clone(), n.writer.clone())
         };
         match (size, writer) {
             (Some(size), Some(w)) => {
                 if size > MAX_FILE {
-                    return reply.error(Errno::EFBIG);
+                    return Err(FsError::TooBig);
                 }
-                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = w.file.set_len(size) {
-                    return reply.error(Errno::from(e));
+                let mut w = w.lock();
+                if w.sealing {
+                    return Err(FsError::Busy);
                 }
+                w.file.set_len(size).map_err(|e| FsError::local(&e))?;
                 w.len = size;
-                w.dirty = true;
                 w.version += 1;
-                reply.attr(&Duration::ZERO, &self.inner.attr(ino.0, size));
+                Ok(Attr::file(ino, size, Duration::ZERO))
             }
-            (None, Some(w)) => {
-                let len = w.lock().map(|w| w.len).unwrap_or(0);
-                reply.attr(&Duration::ZERO, &self.inner.attr(ino.0, len));
-            }
-            (Some(0), None) | (None, None) => {
-                // Truncating an archived file ahead of a rewrite: the rewrite gets a fresh
-                // spool; the archived copy is never changed.
-                let inner = self.inner.clone();
-                self.rt.spawn(async move {
-                    match inner.cache.size(&name).await {
-                        Ok(Some(s)) => reply.attr(&TTL_ARCHIVED, &inner.attr(ino.0, s)),
-                        Ok(None) => reply.error(Errno::ENOENT),
-                        Err(_) => reply.error(Errno::EIO),
-                    }
-                });
-            }
-            (Some(_), None) => reply.error(Errno::EPERM),
+            (None, Some(w)) => Ok(Attr::file(ino, w.lock().len, Duration::ZERO)),
+            // Truncating an archived file ahead of a rewrite: the rewrite gets a fresh
+            // spool; the archived copy is never changed.
+            (Some(0), None) | (None, None) => match self.size(&name, pid).await? {
+                Some(s) => Ok(Attr::file(ino, s, TTL_ARCHIVED)),
+                None => Err(FsError::NotFound),
+            },
+            (Some(_), None) => Err(FsError::NotPermitted),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::telemetry::mount_request("unlink");
-        let Some(name) = parse_child(parent, name) else {
-            return reply.error(Errno::ENOENT);
-        };
-        if self.inner.opts.read_only {
-            return reply.error(Errno::EROFS);
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        let name = parse_child(parent, name).ok_or(FsError::NotFound)?;
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly);
         }
-        if !self.inner.opts.allow_delete {
+        if !self.opts.allow_delete {
             tracing::warn!(%name, "unlink refused: the mount was not started with --allow-delete");
-            return reply.error(Errno::EPERM);
+            return Err(FsError::NotPermitted);
         }
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            match inner.cache.archive().delete(&name).await {
-                Ok(true) => {
-                    inner.cache.forget(&name).await;
-                    tracing::info!(%name, "deleted from the archive");
-                    reply.ok();
-                }
-                Ok(false) => reply.error(Errno::ENOENT),
-                Err(e) => {
-                    tracing::error!(%name, error = %e, "delete failed");
-                    reply.error(Errno::EIO);
-                }
+        match self.cache.archive().delete(&name).await {
+            Ok(true) => {
+                self.cache.forget(&name).await;
+                tracing::info!(%name, "deleted from the archive");
+                Ok(())
             }
-        });
+            Ok(false) => Err(FsError::NotFound),
+            Err(e) => {
+                tracing::error!(%name, error = %e, "delete failed");
+                Err(FsError::Io)
+            }
+        }
     }
 
-    fn create(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        crate::telemetry::mount_request("create");
-        if self.inner.opts.read_only {
-            return reply.error(Errno::EROFS);
+    fn new_writer(&self, name: &ArchiveName) -> Result<Arc<WriteFile>, FsError> {
+        let (file, path) = self.cache.new_spool_file(name).map_err(|e| {
+            tracing::error!(%name, error = %e, "cannot create a spool file");
+            FsError::local(&e)
+        })?;
+        Ok(Arc::new(WriteFile {
+            state: Mutex::new(Writer {
+                file,
+                path,
+                len: 0,
+                version: 0,
+                archived: 0,
+                sealing: false,
+            }),
+            archiving: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// A new file (`cp`'s `open(O_CREAT)`): returns its attributes and a write handle.
+    pub fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, u64), FsError> {
+        if self.opts.read_only {
+            return Err(FsError::ReadOnly);
         }
         let Some(archive_name) = parse_child(parent, name) else {
             tracing::warn!(name = ?name, "create refused: not a PostgreSQL WAL archive name");
-            return reply.error(Errno::EINVAL);
+            return Err(FsError::Invalid);
         };
-        let writer = match self.new_writer(&archive_name) {
-            Ok(w) => w,
-            Err(e) => return reply.error(e),
-        };
-        let mut st = self.inner.state();
+        let writer = self.new_writer(&archive_name)?;
+        let mut st = self.state();
         if let Some(n) = st.by_name.get(&archive_name).and_then(|i| st.nodes.get(i)) {
             if n.writer.is_some() {
-                return reply.error(Errno::EBUSY);
+                return Err(FsError::Busy);
             }
         }
         let ino = st.remember(&archive_name);
@@ -528,252 +530,261 @@ impl Filesystem for WalFs {
             name: archive_name,
             writer,
         });
-        drop(st);
-        reply.created(
-            &Duration::ZERO,
-            &self.inner.attr(ino, 0),
-            Generation(0),
-            FileHandle(fh),
-            FopenFlags::empty(),
-        );
+        Ok((Attr::file(ino, 0, Duration::ZERO), fh))
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        crate::telemetry::mount_request("open");
+    pub async fn open(&self, ino: u64, write: bool, pid: u32) -> Result<Opened, FsError> {
         let (name, writing) = {
-            let st = self.inner.state();
-            match st.nodes.get(&ino.0) {
-                Some(n) => (n.name.clone(), n.writer.is_some()),
-                None => return reply.error(Errno::ENOENT),
-            }
+            let st = self.state();
+            let n = st.node(ino)?;
+            (n.name.clone(), n.writer.is_some())
         };
         if writing {
             // One writer at a time, and no reads of a file before it is archived.
-            return reply.error(Errno::EBUSY);
+            return Err(FsError::Busy);
         }
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            if self.inner.opts.read_only {
-                return reply.error(Errno::EROFS);
+        if write {
+            if self.opts.read_only {
+                return Err(FsError::ReadOnly);
             }
             // A rewrite of an archived name (PostgreSQL re-archiving after a crash): a fresh
-            // spool; flush compares it with the archived copy.
-            let writer = match self.new_writer(&name) {
-                Ok(w) => w,
-                Err(e) => return reply.error(e),
-            };
-            let mut st = self.inner.state();
-            match st.nodes.get_mut(&ino.0) {
+            // spool; closing it compares it with the archived copy.
+            let writer = self.new_writer(&name)?;
+            let mut st = self.state();
+            match st.nodes.get_mut(&ino) {
                 Some(n) if n.writer.is_none() && n.readers == 0 => {
                     n.writer = Some(writer.clone());
                     n.stale_pages = true;
                 }
-                Some(_) => return reply.error(Errno::EBUSY),
-                None => return reply.error(Errno::ENOENT),
+                Some(_) => return Err(FsError::Busy),
+                None => return Err(FsError::NotFound),
             }
             let fh = st.add_handle(Open::Write { name, writer });
-            return reply.opened(FileHandle(fh), FopenFlags::empty());
+            return Ok(Opened {
+                fh,
+                file: None,
+                keep_cache: false,
+            });
         }
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            match inner.cache.open(&name).await {
-                Ok(file) => {
-                    let mut st = inner.state();
-                    let Some(n) = st.nodes.get_mut(&ino.0).filter(|n| n.writer.is_none()) else {
-                        return reply.error(Errno::EBUSY);
-                    };
-                    n.readers += 1;
-                    // A provisional file (a segment still being received) will change: its
-                    // pages must not outlive this open.
-                    let provisional = file.is_provisional();
-                    let keep = !std::mem::replace(&mut n.stale_pages, provisional) && !provisional;
-                    let backing = match &n.backing {
-                        _ if provisional => None,
-                        Some(b) => Some(b.clone()),
-                        None if inner.passthrough.load(std::sync::atomic::Ordering::Relaxed) => {
-                            match reply.open_backing(file.fd()) {
-                                Ok(b) => {
-                                    let b = Arc::new(b);
-                                    n.backing = Some(b.clone());
-                                    Some(b)
-                                }
-                                Err(e) => {
-                                    tracing::info!(error = %e, "kernel read passthrough refused; reads go through walfs");
-                                    inner.passthrough.store(false, std::sync::atomic::Ordering::Relaxed);
-                                    None
-                                }
-                            }
-                        }
-                        None => None,
-                    };
-                    let fh = st.add_handle(Open::Read {
-                        ino: ino.0,
-                        file,
-                        _backing: backing.clone(),
-                    });
-                    drop(st);
-                    if let Some(b) = backing {
-                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
-                    }
-                    // Without KEEP_CACHE the kernel drops the inode's cached pages on open.
-                    let flags = if keep {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), flags);
-                }
-                Err(e) => match e.as_ref() {
-                    LoadError::Absent => reply.error(Errno::ENOENT),
-                    other => {
-                        tracing::error!(%name, error = %other, "cannot serve this file");
-                        reply.error(match other {
-                            LoadError::Store(s) => errno_for(s),
-                            _ => Errno::EIO,
-                        });
+        let cache = &self.cache;
+        let opened = self
+            .policy
+            .read(
+                &*self.procs,
+                pid,
+                name.as_str(),
+                self.cache.archive().received(),
+                || async {
+                    match cache.open(&name).await {
+                        Ok(file) => Ok(Some(file)),
+                        Err(e) => match e.as_ref() {
+                            LoadError::Absent => Ok(None),
+                            LoadError::Store(s) => Err(Trouble::from(s)),
+                            LoadError::Local(io) => Err(Trouble::local(io)),
+                        },
                     }
                 },
-            }
+            )
+            .await
+            .map_err(|r| self.refused(pid, &name, r))?;
+        let Some(file) = opened else {
+            // Gone between lookup and open (deleted meanwhile).
+            return Err(FsError::NotFound);
+        };
+        let mut st = self.state();
+        let Some(n) = st.nodes.get_mut(&ino).filter(|n| n.writer.is_none()) else {
+            return Err(FsError::Busy);
+        };
+        n.readers += 1;
+        // A provisional file (a segment still being received) will change: its pages must
+        // not outlive this open.
+        let provisional = file.is_provisional();
+        let keep_cache = !std::mem::replace(&mut n.stale_pages, provisional) && !provisional;
+        let fh = st.add_handle(Open::Read {
+            ino,
+            file: file.clone(),
         });
+        Ok(Opened {
+            fh,
+            file: Some(file),
+            keep_cache,
+        })
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        crate::telemetry::mount_request("read");
-        let result = match self.inner.handle(fh).as_deref() {
-            Some(Open::Read { file, .. }) => file.read_at(offset, size),
-            Some(Open::Write { writer, .. }) => {
-                let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    /// Reads from an open handle at once (the cached file or the write spool).
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, std::io::Error> {
+        let open = self
+            .handle(fh)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+        match open.as_ref() {
+            Open::Read { file, .. } => file.read_at(offset, size),
+            Open::Write { writer, .. } => {
+                let w = writer.lock();
                 let end = w.len.min(offset.saturating_add(u64::from(size)));
                 let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
                 w.file.read_exact_at(&mut buf, offset).map(|()| buf)
             }
-            _ => return reply.error(Errno::EBADF),
-        };
-        match result {
-            Ok(data) => {
-                crate::telemetry::mount_read(data.len());
-                reply.data(&data)
-            }
-            Err(e) => reply.error(Errno::from(e)),
+            Open::Dir(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
         }
     }
 
-    fn write(
+    /// A read that failed at once ([`Fs::read_now`]), retried under the restore policy: a
+    /// local disk error is not the end of a recovery either.
+    pub async fn read_patiently(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        fh: u64,
         offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        crate::telemetry::mount_request("write");
-        let writer = match self.inner.handle(fh).as_deref() {
-            Some(Open::Write { writer, .. }) => writer.clone(),
-            _ => return reply.error(Errno::EBADF),
+        size: u32,
+        pid: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let name = match self.handle(fh)?.as_ref() {
+            Open::Read { ino, .. } => self.state().node(*ino)?.name.clone(),
+            Open::Write { name, .. } => name.clone(),
+            Open::Dir(_) => return Err(FsError::BadHandle),
+        };
+        self.policy
+            .read(
+                &*self.procs,
+                pid,
+                name.as_str(),
+                self.cache.archive().received(),
+                || async {
+                    self.read_now(fh, offset, size)
+                        .map(Some)
+                        .map_err(|e| Trouble::local(&e))
+                },
+            )
+            .await
+            .map_err(|r| self.refused(pid, &name, r))?
+            .ok_or(FsError::Io)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let open = self.handle(fh)?;
+        let Open::Write { writer, .. } = open.as_ref() else {
+            return Err(FsError::BadHandle);
         };
         let end = offset.saturating_add(data.len() as u64);
         if end > MAX_FILE {
-            return reply.error(Errno::EFBIG);
+            return Err(FsError::TooBig);
         }
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        match w.file.write_all_at(data, offset) {
-            Ok(()) => {
-                w.len = w.len.max(end);
-                w.dirty = true;
-                w.version += 1;
-                crate::telemetry::mount_written(data.len());
-                reply.written(data.len() as u32);
+        let mut w = writer.lock();
+        if w.sealing {
+            // Written while its archive is under way (another descriptor's close).
+            return Err(FsError::Busy);
+        }
+        w.file
+            .write_all_at(data, offset)
+            .map_err(|e| FsError::local(&e))?;
+        w.len = w.len.max(end);
+        w.version += 1;
+        Ok(data.len() as u32)
+    }
+
+    /// The close that `cp` checks: archives what was written, unless nothing was or the
+    /// writer is exiting (killed mid-file), and succeeds only once the store confirmed.
+    pub async fn flush(&self, fh: u64, pid: u32) -> Result<(), FsError> {
+        let open = self.handle(fh)?;
+        let Open::Write { name, writer } = open.as_ref() else {
+            return Ok(());
+        };
+        let _one = writer.archiving.lock().await;
+        let (file, len, version) = {
+            let mut w = writer.lock();
+            if !w.dirty() {
+                // Nothing written since the last archive: a shell redirection's open, dup2
+                // and close, or a second close after the first archived it.
+                return Ok(());
             }
-            Err(e) => reply.error(Errno::from(e)),
-        }
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lo: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        crate::telemetry::mount_request("flush");
-        match self.inner.handle(fh).as_deref() {
-            Some(Open::Write { name, writer }) => {
-                self.archive_writer(name.clone(), writer.clone(), reply)
+            if self.procs.exiting(pid) {
+                // The kernel closes a dying process's files: what it wrote may be a prefix.
+                tracing::warn!(%name, pid, bytes = w.len,
+                    "the writer is exiting (killed?) before closing: not archived");
+                return Err(FsError::Io);
             }
-            Some(_) => reply.ok(),
-            None => reply.error(Errno::EBADF),
+            let file = w.file.try_clone().map_err(|e| FsError::local(&e))?;
+            w.sealing = true;
+            (file, w.len, w.version)
+        };
+        let r = self.cache.push_file(name, file, len).await;
+        let mut w = writer.lock();
+        w.sealing = false;
+        match r {
+            Ok(outcome) => {
+                w.archived = version;
+                tracing::info!(%name, ?outcome, "archived");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(%name, error = %e, "archiving failed; close() reports it");
+                Err(FsError::from_push(&e))
+            }
         }
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        crate::telemetry::mount_request("fsync");
-        self.flush(_req, _ino, fh, LockOwner(0), reply)
+    /// `fsync`: the spool is made durable; nothing is archived (a writer may fsync part-way,
+    /// and an archived name is immutable). The close that follows archives.
+    pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
+        let open = self.handle(fh)?;
+        let Open::Write { writer, .. } = open.as_ref() else {
+            return Ok(());
+        };
+        let file = writer
+            .lock()
+            .file
+            .try_clone()
+            .map_err(|e| FsError::local(&e))?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|_| FsError::Io)?
+            .map_err(|e| FsError::local(&e))
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        crate::telemetry::mount_request("release");
-        let mut st = self.inner.state();
-        if let Some(open) = st.handles.remove(&fh.0) {
-            if let Open::Read { ino, .. } = open.as_ref() {
-                if let Some(n) = st.nodes.get_mut(ino) {
+    pub fn release(&self, fh: u64) {
+        let mut st = self.state();
+        let Some(open) = st.handles.remove(&fh) else {
+            return;
+        };
+        match open.as_ref() {
+            Open::Read { ino, .. } => {
+                let ino = *ino;
+                if let Some(n) = st.nodes.get_mut(&ino) {
                     n.readers = n.readers.saturating_sub(1);
-                    if n.readers == 0 {
-                        n.backing = None;
-                    }
                 }
+                st.drop_if_unused(ino);
             }
-            if let Open::Write { name, writer } = open.as_ref() {
-                if let Some(n) = st.nodes.get_mut(&ino.0) {
+            Open::Write { name, writer } => {
+                let ino = st.by_name.get(name).copied();
+                if let Some(n) = ino.and_then(|i| st.nodes.get_mut(&i)) {
                     if n.writer.as_ref().is_some_and(|w| Arc::ptr_eq(w, writer)) {
                         n.writer = None;
                     }
                 }
-                if writer.lock().map(|w| w.dirty).unwrap_or(true) {
+                if writer.lock().dirty() {
                     // Unflushed data may be incomplete: archiving it could poison the name.
                     tracing::warn!(%name, "closed without a successful flush: not archived");
                 }
+                if let Some(i) = ino {
+                    st.drop_if_unused(i);
+                }
             }
+            Open::Dir(_) => {}
         }
-        st.drop_if_unused(ino.0);
-        reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if ino.0 != ROOT {
-            return reply.error(Errno::ENOTDIR);
+    /// The inode a read handle reads (for the adapter's passthrough bookkeeping).
+    pub fn read_ino(&self, fh: u64) -> Option<u64> {
+        match self.state().handles.get(&fh).map(|o| o.as_ref()) {
+            Some(Open::Read { ino, .. }) => Some(*ino),
+            _ => None,
         }
-        let fh = self
-            .inner
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        if ino != ROOT {
+            return Err(FsError::NotDir);
+        }
+        Ok(self
             .state()
             .add_handle(Open::Dir(Arc::new(tokio::sync::Mutex::new(DirCursor {
                 stream: None,
@@ -781,219 +792,422 @@ impl Filesystem for WalFs {
                 pending: None,
                 segment_size: None,
                 spooled: Vec::new(),
-            }))));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+            })))))
     }
 
-    fn readdir(
+    /// Lists the directory from `offset`, handing entries to `add(ino, next offset, is_dir,
+    /// name)` until it says the reply is full. Offsets: "." is 1, ".." is 2, the i-th archived
+    /// file is 3 + i.
+    pub async fn readdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        fh: u64,
         offset: u64,
-        reply: ReplyDirectory,
-    ) {
-        crate::telemetry::mount_request("readdir");
-        let Some(open) = self.inner.handle(fh) else {
-            return reply.error(Errno::EBADF);
-        };
+        mut add: impl FnMut(u64, u64, bool, &str) -> bool,
+    ) -> Result<(), FsError> {
+        let open = self.handle(fh)?;
         let Open::Dir(cursor) = open.as_ref() else {
-            return reply.error(Errno::EBADF);
+            return Err(FsError::BadHandle);
         };
-        let cursor = cursor.clone();
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            let mut reply = reply;
-            let mut c = cursor.lock().await;
-            // Offsets: "." is 1, ".." is 2, the i-th archived file is 3 + i.
-            if c.stream.is_none() || offset != c.next {
-                if c.segment_size.is_none() {
-                    c.segment_size = match inner.cache.archive().identity().await {
-                        Ok(id) => id.map(|i| i.wal_segment_size),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reading the archive identity failed");
-                            return reply.error(Errno::EIO);
-                        }
-                    };
-                }
-                // Fused: the kernel asks once more after the last entry; a finished listing
-                // stream must answer "nothing", not be polled again.
-                c.stream = Some(inner.cache.list().fuse().boxed());
-                c.pending = None;
-                c.spooled = inner.cache.spooled_names();
-                c.spooled.reverse();
-                let mut skip = offset.saturating_sub(2);
-                while skip > 0 {
-                    match c.stream.as_mut().map(|s| s.next()) {
-                        Some(next) => match next.await {
-                            Some(Ok(_)) => skip -= 1,
-                            _ => break,
-                        },
-                        None => break,
+        let mut c = cursor.lock().await;
+        if c.stream.is_none() || offset != c.next {
+            if c.segment_size.is_none() {
+                c.segment_size = match self.cache.archive().identity().await {
+                    Ok(id) => id.map(|i| i.wal_segment_size),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the archive identity failed");
+                        return Err(FsError::Io);
                     }
+                };
+            }
+            // Fused: the kernel asks once more after the last entry; a finished listing
+            // stream must answer "nothing", not be polled again.
+            c.stream = Some(self.cache.list().fuse().boxed());
+            c.pending = None;
+            c.spooled = self.cache.spooled_names();
+            c.spooled.reverse();
+            let mut skip = offset.saturating_sub(2);
+            while skip > 0 {
+                match c.stream.as_mut().map(|s| s.next()) {
+                    Some(next) => match next.await {
+                        Some(Ok(_)) => skip -= 1,
+                        _ => break,
+                    },
+                    None => break,
                 }
             }
-            let mut pos = offset;
-            if pos == 0 {
-                if reply.add(INodeNo(ROOT), 1, FileType::Directory, ".") {
-                    c.next = 0;
-                    return reply.ok();
-                }
-                pos = 1;
+        }
+        let mut pos = offset;
+        if pos == 0 {
+            if add(ROOT, 1, true, ".") {
+                c.next = 0;
+                return Ok(());
             }
-            if pos == 1 {
-                if reply.add(INodeNo(ROOT), 2, FileType::Directory, "..") {
-                    c.next = 1;
-                    return reply.ok();
-                }
-                pos = 2;
+            pos = 1;
+        }
+        if pos == 1 {
+            if add(ROOT, 2, true, "..") {
+                c.next = 1;
+                return Ok(());
             }
-            loop {
-                let entry = match c.pending.take() {
-                    Some(e) => Some(e),
-                    None => match c.stream.as_mut() {
-                        Some(s) => match s.next().await {
-                            Some(Ok(e)) => Some(e),
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "listing the archive failed");
-                                c.stream = None;
-                                return reply.error(Errno::EIO);
-                            }
-                            None => None,
-                        },
+            pos = 2;
+        }
+        loop {
+            let entry = match c.pending.take() {
+                Some(e) => Some(e),
+                None => match c.stream.as_mut() {
+                    Some(s) => match s.next().await {
+                        Some(Ok(e)) => Some(e),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "listing the archive failed");
+                            c.stream = None;
+                            return Err(FsError::Io);
+                        }
                         None => None,
                     },
-                };
-                // After the archive: what `walfs receive` spooled and has not uploaded yet.
-                let entry = match entry {
-                    Some(e) => {
-                        c.spooled.retain(|n| n != &e.name);
-                        e
-                    }
-                    None => match c.spooled.pop() {
-                        Some(name) => Entry {
-                            name,
-                            stored_bytes: 0,
-                            last_modified: 0,
-                        },
-                        None => break,
+                    None => None,
+                },
+            };
+            // After the archive: what `walfs receive` spooled and has not uploaded yet.
+            let entry = match entry {
+                Some(e) => {
+                    c.spooled.retain(|n| n != &e.name);
+                    e
+                }
+                None => match c.spooled.pop() {
+                    Some(name) => Listed {
+                        name,
+                        stored_bytes: 0,
+                        last_modified: 0,
                     },
-                };
-                // `ls -l` looks up every name next: answer those from memory.
-                if let (FileKind::Segment, Some(size)) = (entry.name.kind(), c.segment_size) {
-                    inner.cache.note_size(&entry.name, size);
-                }
-                let name = entry.name.to_string();
-                if reply.add(
-                    INodeNo(listing_ino(&entry.name)),
-                    pos + 1,
-                    FileType::RegularFile,
-                    &name,
-                ) {
-                    c.pending = Some(entry);
-                    break;
-                }
-                pos += 1;
+                    None => break,
+                },
+            };
+            // `ls -l` looks up every name next: answer those from memory.
+            if let (FileKind::Segment, Some(size)) = (entry.name.kind(), c.segment_size) {
+                self.cache.note_size(&entry.name, size);
             }
-            c.next = pos;
-            reply.ok();
-        });
+            if add(
+                listing_ino(&entry.name),
+                pos + 1,
+                false,
+                entry.name.as_str(),
+            ) {
+                c.pending = Some(entry);
+                break;
+            }
+            pos += 1;
+        }
+        c.next = pos;
+        Ok(())
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.inner.state().handles.remove(&fh.0);
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // An object store has no meaningful free space; report plenty so tools do not balk.
-        let blocks = 1u64 << 40;
-        reply.statfs(blocks, blocks, blocks, 1 << 32, 1 << 32, 4096, 255, 4096);
-    }
-
-    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn rmdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn mknod(
-        &self,
-        _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _d: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn symlink(
-        &self,
-        _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _l: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn link(&self, _r: &Request, _i: INodeNo, _p: INodeNo, _n: &OsStr, reply: ReplyEntry) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn rename(
-        &self,
-        _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EPERM);
+    pub fn releasedir(&self, fh: u64) {
+        self.state().handles.remove(&fh);
     }
 }
 
-/// Mounts `fs` at `mountpoint` and serves it from background threads until the returned
-/// session is dropped or unmounted.
-pub fn spawn(fs: WalFs, mountpoint: &std::path::Path) -> std::io::Result<fuser::BackgroundSession> {
-    use fuser::{MountOption, SessionACL};
-    let opts = fs.inner.opts.clone();
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("walfs".into()),
-        MountOption::Subtype("walfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoExec,
-        if opts.read_only {
-            MountOption::RO
-        } else {
-            MountOption::RW
-        },
-    ];
-    config.acl = if opts.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    // Network work happens on tokio; these threads only dispatch and serve cached bytes.
-    config.n_threads = Some(2);
-    fuser::spawn_mount(fs, mountpoint, &config)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheOptions;
+    use crate::caller::{FakeProcs, Role};
+    use crate::envelope::{Key, SealOptions};
+    use crate::store::faults::{Fault, FaultyStore, Op};
+    use crate::store::{test_segment, Archive};
+    use object_store::memory::InMemory;
+    use object_store::path::Path as StorePath;
+    use object_store::{ObjectStoreExt, PutPayload};
+    use std::sync::atomic::Ordering;
+
+    const PID: u32 = 4242;
+    const SEG1: &str = "000000010000000000000001";
+    const SEG2: &str = "000000010000000000000002";
+    const HISTORY: &[u8] = b"1\t0/3000000\tno recovery target specified\n";
+
+    struct Rig {
+        fs: Fs,
+        store: Arc<FaultyStore>,
+        procs: Arc<FakeProcs>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        /// A mount over an archive holding SEG1 (pushed by "another host"), or nothing.
+        async fn new(role: Role, with_segment: bool, read_only: bool) -> Rig {
+            let store = FaultyStore::new(Arc::new(InMemory::new()));
+            let archive = || {
+                Archive::with_store(
+                    store.clone(),
+                    StorePath::from("pfx"),
+                    "memory:///pfx",
+                    Some(Key::from_bytes([3; 32])),
+                    SealOptions::default(),
+                )
+            };
+            if with_segment {
+                let n = ArchiveName::parse(SEG1).unwrap();
+                archive()
+                    .push(&n, test_segment(SEG1, 7, 1 << 20))
+                    .await
+                    .unwrap();
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let cache = Cache::new(
+                Arc::new(archive()),
+                &CacheOptions {
+                    dir: dir.path().to_path_buf(),
+                    max_bytes: 64 << 20,
+                    prefetch_bytes: 0,
+                    prefetch_concurrency: 1,
+                    serve_partial: false,
+                },
+            )
+            .unwrap();
+            let procs = Arc::new(FakeProcs::new(role));
+            let policy = Policy {
+                recovery_timeout: Some(Duration::from_millis(1500)),
+                standby_timeout: Duration::from_millis(300),
+                other_timeout: Duration::from_millis(600),
+                empty_if_new: !read_only,
+            };
+            let opts = MountOptions {
+                uid: 0,
+                gid: 0,
+                read_only,
+                allow_delete: false,
+                allow_other: false,
+                passthrough: false,
+            };
+            Rig {
+                fs: Fs::new(Arc::new(cache), opts, policy, procs.clone()),
+                store,
+                procs,
+                _dir: dir,
+            }
+        }
+
+        fn stopped(&self) -> bool {
+            self.procs.stopped.load(Ordering::Relaxed) == PID
+        }
+
+        fn set_role(&self, role: Role) {
+            *self.procs.role.lock().unwrap() = role;
+        }
+
+        async fn stored(&self, name: &str) -> Option<Vec<u8>> {
+            let a = Archive::with_store(
+                self.store.inner().clone(),
+                StorePath::from("pfx"),
+                "memory:///pfx",
+                Some(Key::from_bytes([3; 32])),
+                SealOptions::default(),
+            );
+            a.fetch(&ArchiveName::parse(name).unwrap()).await.unwrap()
+        }
+
+        /// `cp`: lookup, open, read everything.
+        async fn cp_out(&self, name: &str) -> Result<Vec<u8>, FsError> {
+            let a = self.fs.lookup(ROOT, OsStr::new(name), PID).await?;
+            let o = self.fs.open(a.ino, false, PID).await?;
+            let data = self
+                .fs
+                .read_now(o.fh, 0, a.size as u32)
+                .map_err(|_| FsError::Io)?;
+            self.fs.release(o.fh);
+            Ok(data)
+        }
+
+        /// `cp` in: create, write `data` in pieces, close (flush), release.
+        async fn cp_in(&self, name: &str, data: &[u8]) -> Result<(), FsError> {
+            let (_, fh) = self.fs.create(ROOT, OsStr::new(name))?;
+            for (i, part) in data.chunks(1000).enumerate() {
+                self.fs.write(fh, (i * 1000) as u64, part)?;
+            }
+            let r = self.fs.flush(fh, PID).await;
+            self.fs.release(fh);
+            r
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_recovery_waits_out_an_outage_and_gets_its_bytes() {
+        let rig = Rig::new(Role::Recovery, true, true).await;
+        rig.store.inject(Op::Get, "", Fault::Error, None);
+        let store = rig.store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            store.clear();
+        });
+        let data = rig.cp_out(SEG1).await;
+        assert!(
+            data.as_ref().ok() == Some(&test_segment(SEG1, 7, 1 << 20).to_vec()),
+            "{:?}",
+            data.err()
+        );
+        assert!(!rig.stopped());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_outage_is_never_absence_for_anyone() {
+        for (role, stops) in [
+            (Role::Recovery, true),
+            (Role::Unknown, false),
+            (Role::Standby, false),
+            (Role::Other, false),
+        ] {
+            let rig = Rig::new(role, true, true).await;
+            for fault in [Fault::Error, Fault::Hang] {
+                rig.store.clear();
+                rig.store.inject(Op::Get, "", fault.clone(), None);
+                for name in [SEG1, SEG2] {
+                    let t0 = std::time::Instant::now();
+                    let e = rig.cp_out(name).await.unwrap_err();
+                    assert_eq!(e, FsError::Io, "{role:?} {fault:?} {name}");
+                    assert_eq!(rig.stopped(), stops, "{role:?} {fault:?} {name}");
+                    let bound = match role {
+                        Role::Standby => 300,
+                        Role::Other => 600,
+                        _ => 1500,
+                    };
+                    assert!(
+                        t0.elapsed() >= Duration::from_millis(bound)
+                            && t0.elapsed() < Duration::from_millis(bound + 1500),
+                        "{role:?} {fault:?}: answered after {:?}",
+                        t0.elapsed()
+                    );
+                }
+            }
+            // The store back: data, and true absence.
+            rig.store.clear();
+            assert!(rig.cp_out(SEG1).await.is_ok());
+            assert_eq!(rig.cp_out(SEG2).await.unwrap_err(), FsError::NotFound);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn damage_stops_a_recovery_and_fails_everyone_else() {
+        for (role, stops) in [
+            (Role::Recovery, true),
+            (Role::Standby, false),
+            (Role::Other, false),
+        ] {
+            let rig = Rig::new(role, true, true).await;
+            let path = StorePath::from(format!("pfx/wal/{SEG1}"));
+            let mut obj = rig
+                .store
+                .inner()
+                .get(&path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec();
+            let at = obj.len() / 2;
+            obj[at] ^= 1;
+            rig.store
+                .inner()
+                .put(&path, PutPayload::from(obj))
+                .await
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            assert_eq!(rig.cp_out(SEG1).await.unwrap_err(), FsError::Io, "{role:?}");
+            assert!(t0.elapsed() < Duration::from_millis(300), "damage waited");
+            assert_eq!(rig.stopped(), stops, "{role:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_identity_is_never_absence_to_a_restore() {
+        // A vanished identity: nothing is absent any more.
+        let rig = Rig::new(Role::Other, true, true).await;
+        assert_eq!(rig.cp_out(SEG2).await.unwrap_err(), FsError::NotFound);
+        rig.store
+            .inner()
+            .delete(&StorePath::from("pfx/walfs.json"))
+            .await
+            .unwrap();
+        assert_eq!(rig.cp_out(SEG2).await.unwrap_err(), FsError::Io);
+        // A new archive mounted read-write: empty to the archiver, not to a recovery.
+        let rig = Rig::new(Role::Other, false, false).await;
+        assert_eq!(rig.cp_out(SEG1).await.unwrap_err(), FsError::NotFound);
+        rig.set_role(Role::Recovery);
+        assert_eq!(rig.cp_out(SEG1).await.unwrap_err(), FsError::Io);
+        assert!(rig.stopped());
+        // Read-only: no identity means no archive, for everyone.
+        let rig = Rig::new(Role::Other, false, true).await;
+        assert_eq!(rig.cp_out(SEG1).await.unwrap_err(), FsError::Io);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_killed_caller_is_answered_at_once() {
+        let rig = Rig::new(Role::Recovery, true, true).await;
+        rig.store.inject(Op::Get, "", Fault::Hang, None);
+        let procs = rig.procs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            procs.dying.store(true, Ordering::Relaxed);
+        });
+        let t0 = std::time::Instant::now();
+        assert_eq!(rig.cp_out(SEG2).await.unwrap_err(), FsError::Interrupted);
+        assert!(t0.elapsed() < Duration::from_millis(1000));
+        assert!(!rig.stopped());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn only_complete_files_are_archived() {
+        let rig = Rig::new(Role::Other, true, false).await;
+        let h = "00000002.history";
+        // A shell redirection: open, dup2, close before anything is written.
+        let (_, fh) = rig.fs.create(ROOT, OsStr::new(h)).unwrap();
+        rig.fs.flush(fh, PID).await.unwrap();
+        assert_eq!(
+            rig.stored(h).await,
+            None,
+            "an empty flush archived something"
+        );
+        // The writer goes on, then is killed mid-file: the kernel's close archives nothing.
+        rig.fs.write(fh, 0, &HISTORY[..10]).unwrap();
+        rig.procs.exiting.store(true, Ordering::Relaxed);
+        assert_eq!(rig.fs.flush(fh, PID).await.unwrap_err(), FsError::Io);
+        rig.procs.exiting.store(false, Ordering::Relaxed);
+        rig.fs.release(fh);
+        assert_eq!(
+            rig.stored(h).await,
+            None,
+            "a killed writer's prefix was archived"
+        );
+        // fsync part-way archives nothing either.
+        let (_, fh) = rig.fs.create(ROOT, OsStr::new(h)).unwrap();
+        rig.fs.write(fh, 0, &HISTORY[..10]).unwrap();
+        rig.fs.fsync(fh).await.unwrap();
+        assert_eq!(rig.stored(h).await, None, "fsync archived a prefix");
+        // A cut file closed normally is refused, and the name stays free.
+        assert_eq!(rig.fs.flush(fh, PID).await.unwrap_err(), FsError::Invalid);
+        rig.fs.release(fh);
+        // Truncated to nothing: refused.
+        let (a, fh) = rig.fs.create(ROOT, OsStr::new(h)).unwrap();
+        rig.fs.write(fh, 0, HISTORY).unwrap();
+        rig.fs.setattr(a.ino, Some(0), false, PID).await.unwrap();
+        assert_eq!(rig.fs.flush(fh, PID).await.unwrap_err(), FsError::Invalid);
+        rig.fs.release(fh);
+        assert_eq!(rig.stored(h).await, None);
+        // The whole file goes in, and readers see it at once.
+        rig.cp_in(h, HISTORY).await.unwrap();
+        assert_eq!(rig.stored(h).await.as_deref(), Some(HISTORY));
+        assert_eq!(rig.cp_out(h).await.unwrap(), HISTORY);
+        // Again with the same bytes: fine. Other bytes: EEXIST, archived copy kept.
+        rig.cp_in(h, HISTORY).await.unwrap();
+        let other = b"1\t0/4000000\tno recovery target specified\n";
+        assert_eq!(rig.cp_in(h, other).await.unwrap_err(), FsError::Exists);
+        assert_eq!(rig.stored(h).await.as_deref(), Some(HISTORY));
+        // A store failure fails the close and archives nothing; the retry works.
+        rig.store.inject(Op::Put, "wal/", Fault::Error, None);
+        let seg2 = test_segment(SEG2, 7, 1 << 20);
+        assert_eq!(rig.cp_in(SEG2, &seg2).await.unwrap_err(), FsError::Io);
+        rig.store.clear();
+        assert_eq!(rig.stored(SEG2).await, None);
+        rig.cp_in(SEG2, &seg2).await.unwrap();
+        assert!(rig.stored(SEG2).await.unwrap() == seg2);
+    }
 }

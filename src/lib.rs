@@ -1,16 +1,19 @@
 //! walfs: a PostgreSQL WAL archive in an object store, presented as a directory.
 //!
-//! Data flows one way: `cli`/`fs` → `cache` → `store` → `envelope`; `wal` is vocabulary
-//! shared by all.
+//! Data flows one way: `cli`/`fuse` → `fs` → `cache` → `store` → `envelope`; `wal` is
+//! vocabulary shared by all, `restore` and `caller` decide what a failed read means.
 
 pub mod cache;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod fs;
+pub mod fuse;
 pub mod ops;
 pub mod readahead;
 pub mod receive;
+pub mod restore;
 pub mod store;
 pub mod telemetry;
 pub mod wal;

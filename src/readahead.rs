@@ -8,15 +8,10 @@
 //! before `n`, so past a switch point the plan moves to the new timeline. Nothing is planned
 //! at or past a segment known to be missing until PostgreSQL itself finds it there.
 
-use crate::wal::{Lsn, SegmentId, SegmentSize};
+use crate::wal::{SegmentId, SegmentSize};
 use std::collections::BTreeMap;
 
-/// One line of a `.history` file: `parent timeline, switch point`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Switch {
-    pub parent: u32,
-    pub end: Lsn,
-}
+pub use crate::wal::Switch;
 
 /// Parses a timeline history file (`1\t0/3000000\treason`, comments and blank lines skipped).
 pub fn parse_history(text: &str) -> Vec<Switch> {
@@ -173,6 +168,7 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::Lsn;
 
     fn s16() -> SegmentSize {
         SegmentSize::new(16 << 20).unwrap()

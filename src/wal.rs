@@ -146,6 +146,17 @@ pub enum FileKind {
     Backup,
 }
 
+impl fmt::Display for FileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileKind::Segment => "WAL segment",
+            FileKind::Partial => "partial WAL segment",
+            FileKind::History => "timeline history file",
+            FileKind::Backup => "backup history file",
+        })
+    }
+}
+
 /// A file name PostgreSQL may hand to archive_command or ask of restore_command.
 ///
 /// Parsing checks the shape only; whether the segment digits fit the archive's segment size is
@@ -313,6 +324,136 @@ pub fn parse_long_header(data: &[u8]) -> Result<LongPageHeader, HeaderError> {
     })
 }
 
+/// One entry of a timeline history file: the parent timeline and where the child left it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switch {
+    pub parent: u32,
+    pub end: Lsn,
+}
+
+/// Text files (history, backup labels) larger than this are not PostgreSQL's.
+pub const MAX_TEXT_FILE: u64 = 16 << 20;
+
+/// Checks a timeline history file as PostgreSQL writes it (`writeTimeLineHistory`) and reads
+/// it (`readTimeLineHistory`): text, complete lines (`parent TAB X/X TAB reason NEWLINE`, blank
+/// and `#` lines allowed), at least one entry, parents increasing and below `timeline`, switch
+/// points not going back. Returns the entries, oldest first. A file cut short ends without its
+/// newline and is refused; one cut exactly at a line end cannot be told from a shorter history.
+pub fn parse_history_file(data: &[u8], timeline: u32) -> Result<Vec<Switch>, String> {
+    let text = std::str::from_utf8(data).map_err(|_| "not text".to_string())?;
+    if !text.ends_with('\n') {
+        return Err(
+            "its last line is incomplete (no final newline): the file was cut short".into(),
+        );
+    }
+    let mut out: Vec<Switch> = Vec::new();
+    for (no, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let bad = |why: &str| format!("line {}: {why}: {line:?}", no + 1);
+        let mut f = l.split_whitespace();
+        let parent: u32 = f
+            .next()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| bad("expected a timeline number"))?;
+        let end: Lsn = f
+            .next()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| bad("expected a switch point X/X"))?;
+        if let Some(prev) = out.last() {
+            if parent <= prev.parent {
+                return Err(bad("timelines must increase"));
+            }
+            if end < prev.end {
+                return Err(bad("switch points must not go back"));
+            }
+        }
+        if parent == 0 || parent >= timeline {
+            return Err(bad(&format!(
+                "timeline {parent} cannot be an ancestor of timeline {timeline}"
+            )));
+        }
+        out.push(Switch { parent, end });
+    }
+    if out.is_empty() {
+        return Err("no timeline entries".into());
+    }
+    Ok(out)
+}
+
+/// What a backup history file (`SEGMENT.OFFSET.backup`) says about its backup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupLabel {
+    pub start: Lsn,
+    pub stop: Lsn,
+}
+
+/// Checks a backup history file as `pg_backup_stop` writes it: text that starts with
+/// `START WAL LOCATION: X/X (file SEGMENT)`, has a `STOP WAL LOCATION` line and ends with a
+/// complete `STOP TIME` or `STOP TIMELINE` line (the last ones written), and whose start
+/// matches `name` (the segment digits always; the offset too when `size` is known).
+pub fn parse_backup_file(
+    data: &[u8],
+    name: &ArchiveName,
+    size: Option<SegmentSize>,
+) -> Result<BackupLabel, String> {
+    let text = std::str::from_utf8(data).map_err(|_| "not text".to_string())?;
+    if !text.ends_with('\n') {
+        return Err(
+            "its last line is incomplete (no final newline): the file was cut short".into(),
+        );
+    }
+    let location = |key: &str| -> Result<(Lsn, String), String> {
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .ok_or_else(|| format!("no {key} line"))?;
+        let (lsn, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        let lsn: Lsn = lsn
+            .parse()
+            .map_err(|_| format!("{key} {line:?} is not an LSN"))?;
+        let file = rest
+            .trim()
+            .strip_prefix("(file ")
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| format!("{key} {line:?} names no file"))?;
+        Ok((lsn, file.to_string()))
+    };
+    if !text.starts_with("START WAL LOCATION: ") {
+        return Err("it does not start with START WAL LOCATION: not a backup history file".into());
+    }
+    let (start, start_file) = location("START WAL LOCATION: ")?;
+    let (stop, _) = location("STOP WAL LOCATION: ")?;
+    let last = text.lines().last().unwrap_or_default();
+    if !(last.starts_with("STOP TIME: ") || last.starts_with("STOP TIMELINE: ")) {
+        return Err(format!(
+            "its last line is {last:?}, not STOP TIME or STOP TIMELINE: the file was cut short"
+        ));
+    }
+    if stop < start {
+        return Err(format!("it stops ({stop}) before it starts ({start})"));
+    }
+    let n = name.as_str();
+    if start_file.len() != 24 || start_file[8..] != n[8..24] {
+        return Err(format!(
+            "it starts in {start_file}, but its name {n} says segment {}",
+            &n[8..24]
+        ));
+    }
+    if let Some(size) = size {
+        let offset = format!("{:08X}", start.0 % size.bytes());
+        if n[25..33] != offset {
+            return Err(format!(
+                "it starts at {start} (offset {offset} in its segment), but its name says {}",
+                &n[25..33]
+            ));
+        }
+    }
+    Ok(BackupLabel { start, stop })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,5 +591,75 @@ mod tests {
             parse_long_header(&[0u8; 10]),
             Err(HeaderError::TooShort(10))
         );
+    }
+
+    #[test]
+    fn history_files_are_checked_whole() {
+        let good =
+            b"1\t0/3000000\tno recovery target specified\n\n2\t0/5000000\tat restore point \"x\"\n";
+        let h = parse_history_file(good, 3).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            h[1],
+            Switch {
+                parent: 2,
+                end: Lsn(0x500_0000)
+            }
+        );
+        assert!(parse_history_file(b"# comment\n1\t0/3000000\treason\n", 2).is_ok());
+        for (bad, why) in [
+            (&b""[..], "newline"),
+            (b"\n", "no timeline"),
+            (b"1\t0/3000000\tno recovery", "newline"),
+            (b"1\t0/30", "newline"),
+            (b"1\t0/3000000\tx\n1\t0/4000000\ty\n", "increase"),
+            (b"2\t0/3000000\tx\n", "ancestor"),
+            (b"x\t0/3000000\tx\n", "timeline number"),
+            (b"1\tzz\tx\n", "switch point"),
+            (b"1\t0/5000000\tx\n2\t0/4000000\ty\n", "go back"),
+            (b"\xff\xfe\n", "text"),
+        ] {
+            let e = parse_history_file(bad, if why == "ancestor" { 2 } else { 3 }).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn backup_files_are_checked_whole_and_against_their_name() {
+        let text = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
+                    STOP WAL LOCATION: 0/2000100 (file 000000010000000000000002)\n\
+                    CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n\
+                    BACKUP FROM: primary\nSTART TIME: 2026-11-22 10:00:00 UTC\n\
+                    LABEL: base\nSTART TIMELINE: 1\nSTOP TIME: 2026-11-22 10:00:01 UTC\n\
+                    STOP TIMELINE: 1\n";
+        let name = ArchiveName::parse("000000010000000000000002.00000028.backup").unwrap();
+        let l = parse_backup_file(text.as_bytes(), &name, Some(size(16))).unwrap();
+        assert_eq!(l.start, Lsn(0x200_0028));
+        assert!(parse_backup_file(text.as_bytes(), &name, None).is_ok());
+        // Every cut is refused, whether or not it falls on a line end.
+        for cut in [0, 10, 70, text.len() - 16, text.len() - 1] {
+            assert!(
+                parse_backup_file(&text.as_bytes()[..cut], &name, Some(size(16))).is_err(),
+                "cut at {cut} accepted"
+            );
+        }
+        let cut_at_line = &text[..text.rfind("STOP TIMELINE").unwrap()];
+        assert!(
+            parse_backup_file(cut_at_line.as_bytes(), &name, None).is_ok(),
+            "STOP TIME ends older labels"
+        );
+        let cut_more = &text[..text.rfind("STOP TIME:").unwrap()];
+        assert!(parse_backup_file(cut_more.as_bytes(), &name, None).is_err());
+        for other in [
+            "000000010000000000000003.00000028.backup",
+            "000000010000000000000002.00000030.backup",
+        ] {
+            let n = ArchiveName::parse(other).unwrap();
+            assert!(
+                parse_backup_file(text.as_bytes(), &n, Some(size(16))).is_err(),
+                "{other}"
+            );
+        }
+        assert!(parse_backup_file(b"hello\n", &name, None).is_err());
     }
 }

@@ -1,11 +1,12 @@
 //! The `walfs` command line: parses arguments, resolves settings, calls the library, and turns
 //! outcomes into exit codes PostgreSQL can act on.
 
+use crate::caller::{Proc, Processes, Role};
 use crate::config::{self, Overrides, Settings};
 use crate::envelope::{Key, SealOptions};
+use crate::restore::{Policy, Trouble};
 use crate::store::{Archive, Error as StoreError, PushOutcome, StoreConfig};
 use crate::wal::{ArchiveName, FileKind};
-use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use futures::{StreamExt, TryStreamExt};
 use std::io::Write;
@@ -16,8 +17,11 @@ mod assets;
 mod mount;
 mod ops;
 
-/// Exit codes. PostgreSQL reads any non-zero restore_command status as "not available", so
-/// absence (1) is kept apart from failures (3, 4) for operators and scripts.
+/// Exit codes. PostgreSQL reads a restore_command status from 1 to 125 as "not available"
+/// (and, in archive recovery, ends the recovery there), and one above 125 as FATAL. So
+/// `walfs fetch` run by a server in archive recovery exits 1 only for true absence and adds
+/// [`exit::FATAL`] to every other code (202, 203, 204); for a standby and by hand the codes
+/// stay as they are.
 pub mod exit {
     /// fetch: the file is not in the archive. push: the file was refused or conflicts.
     pub const ABSENT_OR_REFUSED: u8 = 1;
@@ -27,6 +31,8 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 3;
     /// An archived object is damaged or sealed with another key: never served.
     pub const DAMAGED: u8 = 4;
+    /// Added to the codes above when the failure must stop a recovery, not end it.
+    pub const FATAL: u8 = 200;
 }
 
 #[derive(Parser, Debug)]
@@ -64,6 +70,16 @@ struct GlobalArgs {
     #[arg(long, global = true, env = "WALFS_RETRY_TIMEOUT", value_name = "DURATION",
           value_parser = config::parse_duration)]
     retry_timeout: Option<std::time::Duration>,
+    /// How long a restore for a server in archive recovery waits for an unavailable store
+    /// before walfs stops the recovery with FATAL; "forever" never stops it [default: 10min]
+    #[arg(long, global = true, env = "WALFS_RECOVERY_TIMEOUT", value_name = "DURATION",
+          value_parser = config::parse_wait)]
+    recovery_timeout: Option<config::Wait>,
+    /// How long a standby's restore waits for an unavailable store before it fails (the
+    /// standby then streams instead) [default: 5s]
+    #[arg(long, global = true, env = "WALFS_STANDBY_TIMEOUT", value_name = "DURATION",
+          value_parser = config::parse_duration)]
+    standby_timeout: Option<std::time::Duration>,
     /// Bytes of plaintext the local cache keeps (mount) [default: 1GiB]
     #[arg(long, global = true, env = "WALFS_CACHE_SIZE", value_name = "SIZE",
           value_parser = config::parse_size)]
@@ -273,7 +289,9 @@ impl From<StoreError> for Failure {
             | StoreError::MissingContainer { .. } => exit::USAGE,
             StoreError::Refused { .. } | StoreError::Conflict { .. } => exit::ABSENT_OR_REFUSED,
             StoreError::Unreadable { .. } => exit::DAMAGED,
-            StoreError::Backend { .. } | StoreError::Output { .. } => exit::UNAVAILABLE,
+            StoreError::Backend { .. }
+            | StoreError::Output { .. }
+            | StoreError::IdentityVanished(_) => exit::UNAVAILABLE,
         };
         Failure::new(code, e.to_string())
     }
@@ -304,7 +322,19 @@ fn init_logging(verbose: u8, daemon: bool, format: LogFormat) {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A restore_command mistyped (`walfs fecth`, a missing %p) must not read as
+            // "absent" to a recovering server either.
+            let fetching = std::env::args().any(|a| a == "fetch");
+            if e.use_stderr() && fetching && restore_role().is_some_and(|r| r.may_end_recovery()) {
+                let _ = e.print();
+                return ExitCode::from(exit::FATAL + exit::USAGE);
+            }
+            e.exit();
+        }
+    };
     let daemon = matches!(cli.command, Command::Mount(_) | Command::Receive(_));
     if !daemon {
         // A reader that stops early (`walfs ls | head`) ends a one-shot command quietly, as
@@ -345,6 +375,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         compression_level: g.compression_level,
         retry_timeout: g.retry_timeout,
         cache_size: g.cache_size,
+        recovery_timeout: g.recovery_timeout,
+        standby_timeout: g.standby_timeout,
     };
     match &cli.command {
         Command::Keygen { path } => return keygen(path),
@@ -470,15 +502,14 @@ async fn push(settings: &Settings, path: &Path, name: Option<&str>) -> Result<()
             .unwrap_or_default(),
     };
     let name = parse_name(&file_name)?;
-    let data = tokio::fs::read(path).await.map_err(|e| {
+    let (file, size) = crate::store::open_local(path).map_err(|e| {
         Failure::new(
             exit::UNAVAILABLE,
             format!("reading {}: {e}", path.display()),
         )
     })?;
     let archive = open_archive(settings, true)?;
-    let size = data.len();
-    match archive.push(&name, Bytes::from(data)).await? {
+    match archive.push_file(&name, file, size).await? {
         PushOutcome::Stored { stored_bytes } => {
             tracing::info!(%name, size, stored_bytes, archive = archive.url(), "archived");
         }
@@ -489,14 +520,51 @@ async fn push(settings: &Settings, path: &Path, name: Option<&str>) -> Result<()
     Ok(())
 }
 
+/// What this process's caller is doing (restore_command runs in the data directory).
+fn restore_role() -> Option<Role> {
+    Some(Proc::default().role(std::process::id()))
+}
+
+/// The restore policy the settings describe. `empty_if_new`: a read-write mount, where an
+/// archive without identity is new and empty.
+pub(crate) fn restore_policy(settings: &Settings, empty_if_new: bool) -> Policy {
+    Policy {
+        recovery_timeout: settings.recovery_timeout.bound(),
+        standby_timeout: settings.standby_timeout,
+        other_timeout: settings.retry_timeout,
+        empty_if_new,
+    }
+}
+
+/// `walfs fetch`: exit 0 with `dest` complete, 1 only when the archive says the file is not
+/// there; for a server in archive recovery every other failure exits above 125 (FATAL).
 async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<(), Failure> {
+    let procs = Proc::default();
+    let pid = std::process::id();
+    fetch_under_policy(settings, name, dest, &procs, pid)
+        .await
+        .map_err(|mut f| {
+            let ends_recovery = || procs.role(pid).may_end_recovery();
+            if f.code != exit::ABSENT_OR_REFUSED && f.code < exit::FATAL && ends_recovery() {
+                f.code += exit::FATAL;
+            }
+            f
+        })
+}
+
+async fn fetch_under_policy(
+    settings: &Settings,
+    name: &str,
+    dest: &Path,
+    procs: &Proc,
+    pid: u32,
+) -> Result<(), Failure> {
     let name = parse_name(name)?;
     let archive = open_archive(settings, false)?;
-    let local = |e: std::io::Error| {
-        Failure::new(
-            exit::UNAVAILABLE,
-            format!("writing {}: {e}", dest.display()),
-        )
+    let local = |e: std::io::Error| Trouble {
+        class: crate::store::Class::Unavailable,
+        no_archive: false,
+        message: format!("writing {}: {e}", dest.display()),
     };
     // Decoded straight into a temp file beside the destination; renamed into place only once
     // every chunk authenticated and the data is on disk.
@@ -504,26 +572,46 @@ async fn fetch(settings: &Settings, name: &str, dest: &Path) -> Result<(), Failu
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".walfs-fetch-")
-        .tempfile_in(dir)
+    let attempt = || async {
+        let tmp = tempfile::Builder::new()
+            .prefix(".walfs-fetch-")
+            .tempfile_in(dir)
+            .map_err(local)?;
+        let out = tmp.as_file().try_clone().map_err(local)?;
+        match archive.fetch_into(&name, out).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(Trouble::from(&e)),
+        }
+        let dest_path = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            tmp.as_file().sync_all()?;
+            tmp.persist(&dest_path).map_err(|e| e.error)?;
+            sync_parent(&dest_path)
+        })
+        .await
+        .map_err(|e| local(std::io::Error::other(e.to_string())))?
         .map_err(local)?;
-    let out = tmp.as_file().try_clone().map_err(local)?;
-    if archive.fetch_into(&name, out).await?.is_none() {
-        return Err(Failure::new(
+        Ok(Some(()))
+    };
+    match restore_policy(settings, false)
+        .read(procs, pid, name.as_str(), archive.received(), attempt)
+        .await
+    {
+        Ok(Some(())) => Ok(()),
+        Ok(None) => Err(Failure::new(
             exit::ABSENT_OR_REFUSED,
             format!("{name} is not in the archive"),
-        ));
+        )),
+        Err(r) => {
+            let code = match r.class {
+                crate::store::Class::Unavailable => exit::UNAVAILABLE,
+                crate::store::Class::Damaged => exit::DAMAGED,
+                crate::store::Class::Misconfigured | crate::store::Class::Refused => exit::USAGE,
+            };
+            Err(Failure::new(code, r.message))
+        }
     }
-    let dest_path = dest.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        tmp.as_file().sync_all()?;
-        tmp.persist(&dest_path).map_err(|e| e.error)?;
-        sync_parent(&dest_path)
-    })
-    .await
-    .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("writing task failed: {e}")))?
-    .map_err(local)
 }
 
 async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure> {

@@ -3,7 +3,8 @@
 use super::{exit, open_archive, Failure, MountArgs};
 use crate::cache::{Cache, CacheOptions};
 use crate::config::Settings;
-use crate::fs::{self, MountOptions, WalFs};
+use crate::fs::{Fs, MountOptions};
+use crate::fuse::{self, WalFs};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,16 +146,35 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     if let Some(addr) = args.metrics_addr {
         crate::telemetry::serve_metrics(addr).map_err(usage)?;
     }
-    let archive = Arc::new(open_archive(settings, !args.read_only)?);
+    let archive = open_archive(settings, !args.read_only)?;
     match archive.probe().await {
         Ok(()) => {}
         // Unreachable for now: mount anyway (the cache and a receiver's spool still serve,
-        // writes fail until it is back), and say so.
+        // writes fail and restores wait until it is back), and say so.
         Err(e @ crate::store::Error::Backend { .. }) => {
             tracing::warn!(error = %e, "the archive does not answer; mounting anyway")
         }
         Err(e) => return Err(e.into()),
     }
+    match archive.identity().await {
+        Ok(Some(id)) => tracing::info!(archive = archive.url(),
+            system_identifier = %id.system_identifier, wal_segment_size = id.wal_segment_size,
+            "archive identity read"),
+        // Nothing to serve: a wrong URL must not look like an empty archive to a restore.
+        Ok(None) if args.read_only => {
+            return Err(crate::store::Error::NoArchive(archive.url().into()).into())
+        }
+        Ok(None) => tracing::warn!(
+            archive = archive.url(),
+            "this archive is new and empty (no walfs.json yet): the first segment archived \
+             through the mount records its identity; restores of a recovering server are \
+             refused (FATAL) until then. If this should be an existing archive, check --archive"
+        ),
+        Err(e) => tracing::warn!(error = %e,
+            "the archive identity cannot be read yet; restores wait for it"),
+    }
+    let archive_dir = Cache::archive_dir(&settings.cache_dir, archive.url());
+    let archive = Arc::new(archive.with_scratch_dir(archive_dir.join("writes")));
     let cache = Cache::new(
         archive.clone(),
         &CacheOptions {
@@ -172,8 +192,15 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         ))
     })?;
     let cache = Arc::new(cache);
-    let fs = WalFs::new(cache.clone(), opts, tokio::runtime::Handle::current());
-    let session = fs::spawn(fs, &mountpoint).map_err(|e| {
+    let policy = super::restore_policy(settings, !args.read_only);
+    let fs = Fs::new(
+        cache.clone(),
+        opts,
+        policy,
+        Arc::new(crate::caller::Proc::default()),
+    );
+    let fs = WalFs::new(fs, tokio::runtime::Handle::current());
+    let session = fuse::spawn(fs, &mountpoint).map_err(|e| {
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
                 " (mount as root, or allow it in /etc/fuse.conf)"

@@ -8,7 +8,6 @@
 
 use crate::store::{Archive, Error, PushOutcome};
 use crate::wal::ArchiveName;
-use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -63,11 +62,9 @@ pub async fn import(
     let mut report = ImportReport::default();
     let mut results = futures::stream::iter(files)
         .map(|(name, path)| async move {
-            let data = tokio::fs::read(&path)
-                .await
+            let (file, len) = crate::store::open_local(&path)
                 .map_err(|e| ImportError::Read { path, source: e })?;
-            let len = data.len() as u64;
-            let outcome = archive.push(&name, Bytes::from(data)).await;
+            let outcome = archive.push_file(&name, file, len).await;
             Ok::<_, ImportError>((name, len, outcome))
         })
         .buffered(concurrency.max(1));

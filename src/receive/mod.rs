@@ -774,22 +774,25 @@ async fn upload_loop(
         let mut failed = false;
         for name in spool.ready() {
             let path = spool.ready_path(&name);
-            let data = match tokio::fs::read(&path).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(%name, error = %e, "reading the spool failed");
-                    failed = true;
-                    break;
-                }
+            // A timeline's last .partial replaces the interval snapshots of itself; anything
+            // else is pushed from the spool file, never read into memory whole.
+            let local = |e: std::io::Error| crate::store::Error::Output {
+                name: name.to_string(),
+                why: format!("reading the spool: {e}"),
             };
-            // A timeline's last .partial replaces the interval snapshots of itself.
             let pushed = if name.kind() == FileKind::Partial {
-                archive
-                    .put_partial(&name, Bytes::from(data))
-                    .await
-                    .map(|()| crate::store::PushOutcome::Stored { stored_bytes: 0 })
+                match tokio::fs::read(&path).await {
+                    Ok(data) => archive
+                        .put_partial(&name, Bytes::from(data))
+                        .await
+                        .map(|()| crate::store::PushOutcome::Stored { stored_bytes: 0 }),
+                    Err(e) => Err(local(e)),
+                }
             } else {
-                archive.push(&name, Bytes::from(data)).await
+                match crate::store::open_local(&path) {
+                    Ok((file, len)) => archive.push_file(&name, file, len).await,
+                    Err(e) => Err(local(e)),
+                }
             };
             match pushed {
                 Ok(outcome) => {

@@ -82,9 +82,9 @@ pub enum Error {
         op: String,
         source: object_store::Error,
     },
-    /// Writing the opened file failed locally (full disk, I/O error): nothing is wrong with
-    /// the archived object.
-    #[error("{name}: writing the restored file: {why}")]
+    /// A local file failed (full disk, I/O error) while reading what to archive or writing
+    /// what was restored: nothing is wrong with the archive.
+    #[error("{name}: {why}")]
     Output { name: String, why: String },
     /// A write was answered "not found": the bucket or container does not exist.
     #[error("{op}: the bucket or container of {url} does not exist")]
@@ -95,9 +95,43 @@ pub enum Error {
          container or prefix?"
     )]
     NoArchive(String),
+    /// The archive's identity was read before and is gone now: a wiped or replaced prefix, or
+    /// a store answering wrongly. Never taken for the absence of a file.
+    #[error(
+        "{IDENTITY_OBJECT} of {0} vanished after it was read: the archive was moved, wiped or \
+         is answering wrongly; nothing is taken for absent until it is back"
+    )]
+    IdentityVanished(String),
+}
+
+/// What a failure means to someone restoring WAL. None of these is "absent".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// The store (or a local disk) failed; it may work again: wait and retry.
+    Unavailable,
+    /// An object exists and is not data: damaged, cut, swapped, or sealed with another key.
+    Damaged,
+    /// The settings cannot work: wrong URL, missing bucket, no archive there.
+    Misconfigured,
+    /// A write was refused for its content (never a read failure).
+    Refused,
 }
 
 impl Error {
+    /// What this failure means to a reader.
+    pub fn class(&self) -> Class {
+        match self {
+            Error::Backend { .. } | Error::Output { .. } | Error::IdentityVanished(_) => {
+                Class::Unavailable
+            }
+            Error::Unreadable { .. } => Class::Damaged,
+            Error::Config(_) | Error::MissingContainer { .. } | Error::NoArchive(_) => {
+                Class::Misconfigured
+            }
+            Error::Refused { .. } | Error::Conflict { .. } => Class::Refused,
+        }
+    }
+
     /// The kind, as metrics label it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -105,7 +139,7 @@ impl Error {
             Error::Refused { .. } => "refused",
             Error::Conflict { .. } => "conflict",
             Error::Unreadable { .. } => "damaged",
-            Error::Backend { .. } => "backend",
+            Error::Backend { .. } | Error::IdentityVanished(_) => "backend",
             Error::Output { .. } => "local",
         }
     }
@@ -168,6 +202,29 @@ pub enum PushOutcome {
     AlreadyArchived,
 }
 
+/// Opens a local file to archive with [`Archive::push_file`]: the file and its length now.
+pub fn open_local(path: &std::path::Path) -> std::io::Result<(std::fs::File, u64)> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, len))
+}
+
+/// Plaintext to archive: bytes in memory, or a file read at offsets.
+#[derive(Clone)]
+enum Plain {
+    Bytes(Bytes),
+    File { file: Arc<std::fs::File>, len: u64 },
+}
+
+impl Plain {
+    fn source(&self) -> envelope::Source<'_> {
+        match self {
+            Plain::Bytes(b) => envelope::Source::Bytes(b),
+            Plain::File { file, len } => envelope::Source::File(file, *len),
+        }
+    }
+}
+
 /// One archived file as listed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -184,6 +241,11 @@ pub struct Archive {
     key: Option<Key>,
     seal: SealOptions,
     identity: OnceCell<Identity>,
+    /// Bytes received from the store so far: readers waiting on it tell a slow store from
+    /// a dead one by whether this moves.
+    received: std::sync::atomic::AtomicU64,
+    /// Where sealed objects wait for their upload (None: the system's temp directory).
+    scratch: Option<std::path::PathBuf>,
 }
 
 impl Archive {
@@ -208,7 +270,15 @@ impl Archive {
             key,
             seal,
             identity: OnceCell::new(),
+            received: std::sync::atomic::AtomicU64::new(0),
+            scratch: None,
         }
+    }
+
+    /// Seals uploads in `dir` (on the cache's disk) instead of the system's temp directory.
+    pub fn with_scratch_dir(mut self, dir: std::path::PathBuf) -> Archive {
+        self.scratch = Some(dir);
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -250,6 +320,16 @@ impl Archive {
         }
     }
 
+    /// The identity if it was read already (no request).
+    pub fn known_identity(&self) -> Option<&Identity> {
+        self.identity.get()
+    }
+
+    /// Bytes received from the store so far (it moves while downloads make progress).
+    pub fn received(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.received
+    }
+
     /// The identity, or [`Error::NoArchive`].
     pub async fn require_identity(&self) -> Result<Identity, Error> {
         self.identity()
@@ -282,27 +362,28 @@ impl Archive {
         }
     }
 
-    /// Checks a segment or `.partial` file against PostgreSQL's page header and the archive's
-    /// identity, recording the identity on the first segment.
-    async fn check_wal_content(&self, name: &ArchiveName, data: &[u8]) -> Result<(), Error> {
+    /// Checks a segment or `.partial` file (its first bytes `first` and length `len`) against
+    /// PostgreSQL's page header and the archive's identity, recording the identity on the
+    /// first segment. Both must be exactly one segment long: PostgreSQL and pg_receivewal
+    /// write `.partial` files at full size, so anything shorter is a cut copy.
+    async fn check_wal_content(
+        &self,
+        name: &ArchiveName,
+        first: &[u8],
+        len: u64,
+    ) -> Result<(), Error> {
         let refuse = |why: String| Error::Refused {
             name: name.to_string(),
             why,
         };
-        let header = wal::parse_long_header(data).map_err(|e| refuse(e.to_string()))?;
+        let header = wal::parse_long_header(first).map_err(|e| refuse(e.to_string()))?;
         let size = header.segment_size;
-        let len = data.len() as u64;
-        match name.kind() {
-            FileKind::Segment if len != size.bytes() => {
-                return Err(refuse(format!(
-                    "{len} bytes, but its page header says wal_segment_size is {}",
-                    size.bytes()
-                )))
-            }
-            FileKind::Partial if len > size.bytes() => {
-                return Err(refuse(format!("{len} bytes, larger than a segment")))
-            }
-            _ => {}
+        if len != size.bytes() {
+            return Err(refuse(format!(
+                "{len} bytes, but its page header says wal_segment_size is {}: the file is cut \
+                 short or is not a whole segment",
+                size.bytes()
+            )));
         }
         let seg = name
             .segment(size)
@@ -339,89 +420,229 @@ impl Archive {
         Ok(())
     }
 
+    /// Checks that `plain` is a whole, well-formed file of its kind: an archived name is
+    /// immutable, so an empty, cut or foreign file must never be its first write.
+    async fn validate(&self, name: &ArchiveName, plain: &Plain) -> Result<(), Error> {
+        let refuse = |why: String| Error::Refused {
+            name: name.to_string(),
+            why,
+        };
+        let src = plain.source();
+        let local = |e: std::io::Error| Error::Output {
+            name: name.to_string(),
+            why: format!("reading the file to archive: {e}"),
+        };
+        if src.is_empty() {
+            return Err(refuse("the file is empty".into()));
+        }
+        match name.kind() {
+            FileKind::Segment | FileKind::Partial => {
+                let mut first = vec![0u8; (wal::LONG_HEADER_LEN as u64).min(src.len()) as usize];
+                src.read_exact_at(&mut first, 0).map_err(local)?;
+                self.check_wal_content(name, &first, src.len()).await
+            }
+            FileKind::History | FileKind::Backup => {
+                if src.len() > wal::MAX_TEXT_FILE {
+                    return Err(refuse(format!(
+                        "{} bytes: too large for a {}",
+                        src.len(),
+                        name.kind()
+                    )));
+                }
+                let mut text = vec![0u8; src.len() as usize];
+                src.read_exact_at(&mut text, 0).map_err(local)?;
+                if name.kind() == FileKind::History {
+                    wal::parse_history_file(&text, name.timeline()).map(|_| ())
+                } else {
+                    let size = match self.identity().await? {
+                        Some(id) => Some(id.segment_size()?),
+                        None => None,
+                    };
+                    wal::parse_backup_file(&text, name, size).map(|_| ())
+                }
+                .map_err(|why| refuse(format!("not a well-formed {}: {why}", name.kind())))
+            }
+        }
+    }
+
     /// Archives `data` under `name`. Returns only once the backend confirmed a durable write,
     /// or the identical content is already archived and still opens.
     pub async fn push(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
+        self.push_plain(name, Plain::Bytes(data)).await
+    }
+
+    /// Archives the first `len` bytes of `file` (read at offsets, never whole into memory).
+    pub async fn push_file(
+        &self,
+        name: &ArchiveName,
+        file: std::fs::File,
+        len: u64,
+    ) -> Result<PushOutcome, Error> {
+        self.push_plain(
+            name,
+            Plain::File {
+                file: Arc::new(file),
+                len,
+            },
+        )
+        .await
+    }
+
+    async fn push_plain(&self, name: &ArchiveName, plain: Plain) -> Result<PushOutcome, Error> {
         let began = Instant::now();
-        let plain = data.len() as u64;
-        let r = self.push_inner(name, data).await;
+        let len = plain.source().len();
+        let r = self.push_inner(name, plain).await;
         if let Ok(PushOutcome::Stored { stored_bytes }) = &r {
             telemetry::archive_stored("push", *stored_bytes);
         }
-        record("push", began, plain, &r);
+        record("push", began, len, &r);
         r
     }
 
-    async fn push_inner(&self, name: &ArchiveName, data: Bytes) -> Result<PushOutcome, Error> {
-        if matches!(name.kind(), FileKind::Segment | FileKind::Partial) {
-            self.check_wal_content(name, &data).await?;
+    fn check_key(&self, name: &ArchiveName, id: &Identity) -> Result<(), Error> {
+        if id.key_id == self.key_id() {
+            return Ok(());
         }
+        let show = |k: &Option<String>| k.clone().unwrap_or_else(|| "none".into());
+        Err(Error::Refused {
+            name: name.to_string(),
+            why: format!(
+                "this archive is sealed with key id {}, the configured key is {}; \
+                 check --key-file",
+                show(&id.key_id),
+                show(&self.key_id())
+            ),
+        })
+    }
+
+    async fn push_inner(&self, name: &ArchiveName, plain: Plain) -> Result<PushOutcome, Error> {
+        self.validate(name, &plain).await?;
         if let Some(id) = self.identity().await? {
-            if id.key_id != self.key_id() {
-                let show = |k: &Option<String>| k.clone().unwrap_or_else(|| "none".into());
-                return Err(Error::Refused {
-                    name: name.to_string(),
-                    why: format!(
-                        "this archive is sealed with key id {}, the configured key is {}; \
-                         check --key-file",
-                        show(&id.key_id),
-                        show(&self.key_id())
-                    ),
-                });
-            }
+            self.check_key(name, &id)?;
         }
         let path = self.object_path(name);
         // Fast path for PostgreSQL's re-archive after a crash: no upload when it is there.
         if self.head(&path).await?.is_some() {
-            return self.confirm_identical(name, &data).await;
+            return self.confirm_identical(name, &plain).await;
         }
-        let key = self.key.clone();
-        let opts = self.seal;
-        let (n, d) = (name.as_str().to_string(), data.clone());
-        let sealed =
-            tokio::task::spawn_blocking(move || envelope::seal(&n, &d, key.as_ref(), opts))
-                .await
-                .map_err(|e| Error::Config(format!("sealing task failed: {e}")))?;
-        let stored_bytes = sealed.len() as u64;
-        let put = PutOptions::from(PutMode::Create);
+        let (payload, stored_bytes) = self.seal(name, &plain).await?;
         match self
             .store
-            .put_opts(&path, PutPayload::from(sealed), put)
+            .put_opts(&path, payload, PutOptions::from(PutMode::Create))
             .await
         {
             Ok(_) => Ok(PushOutcome::Stored { stored_bytes }),
-            // Two writers raced: the conditional put let exactly one win.
+            // Two writers raced, or a retry met its own first attempt (whose answer was
+            // lost): the conditional put let exactly one write through; compare with it.
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => {
-                self.confirm_identical(name, &data).await
+                self.confirm_identical(name, &plain).await
             }
-            Err(e) => Err(Error::backend(
-                format!("uploading {name} to {}", self.url),
-                e,
-            )),
+            Err(e) => Err(self.write_error(format!("uploading {name} to {}", self.url), e)),
         }
     }
 
-    /// Something is stored under `name`: succeed only if it opens and holds `data`.
+    /// Seals `plain` into an unlinked scratch file and maps it: the upload reads the sealed
+    /// object from the page cache, so memory stays flat whatever the file's size.
+    async fn seal(&self, name: &ArchiveName, plain: &Plain) -> Result<(PutPayload, u64), Error> {
+        let key = self.key.clone();
+        let opts = self.seal;
+        let n = name.as_str().to_string();
+        let plain = plain.clone();
+        let scratch = self.scratch.clone();
+        let local = |e: std::io::Error| Error::Output {
+            name: name.to_string(),
+            why: format!("sealing into a scratch file: {e}"),
+        };
+        let sealed = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, u64)> {
+            let file = match &scratch {
+                Some(dir) => tempfile::tempfile_in(dir)?,
+                None => tempfile::tempfile()?,
+            };
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+            let len = envelope::seal_to(&n, plain.source(), key.as_ref(), opts, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            drop(out);
+            // SAFETY: the file is private (unlinked, never shared) and nothing writes it
+            // while the map lives.
+            let map = unsafe { memmap2::Mmap::map(&file)? };
+            Ok((Bytes::from_owner(map), len))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("sealing task failed: {e}")))?
+        .map_err(local)?;
+        Ok((PutPayload::from(sealed.0), sealed.1))
+    }
+
+    /// Something is stored under `name`: succeed only if it opens and holds exactly `plain`.
+    /// The stored object is opened chunk by chunk and compared with the file at the same
+    /// offsets, never expanded into memory whole.
     async fn confirm_identical(
         &self,
         name: &ArchiveName,
-        data: &[u8],
+        plain: &Plain,
     ) -> Result<PushOutcome, Error> {
-        let offered = envelope::digest(data);
-        let stored = self.fetch(name).await?.ok_or_else(|| Error::Refused {
-            name: name.to_string(),
-            why: "the archived copy vanished while being compared; try again".into(),
-        })?;
-        let stored_digest = envelope::digest(&stored);
-        if stored_digest == offered {
-            Ok(PushOutcome::AlreadyArchived)
-        } else {
-            Err(Error::Conflict {
+        let Some(bytes) = self.get_object(name).await? else {
+            return Err(Error::Refused {
                 name: name.to_string(),
-                stored: hex::encode(stored_digest),
+                why: "the archived copy vanished while being compared; try again".into(),
+            });
+        };
+        let key = self.key.clone();
+        let n = name.as_str().to_string();
+        let plain = plain.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let src = plain.source();
+            let differs = std::sync::atomic::AtomicBool::new(false);
+            let header = Header::parse(&bytes)?;
+            let len = envelope::open_into(&n, &bytes, key.as_ref(), &|at, data| {
+                let mut mine = vec![0u8; data.len()];
+                let same = at + data.len() as u64 <= src.len()
+                    && src.read_exact_at(&mut mine, at).is_ok()
+                    && mine == data;
+                if !same {
+                    differs.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            })?;
+            let same = len == src.len() && !differs.into_inner();
+            let offered = if same {
+                header.digest
+            } else {
+                src.digest().map_err(|e| OpenError::Output(e.to_string()))?
+            };
+            Ok::<_, OpenError>((same, header.digest, offered))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("comparing task failed: {e}")))?
+        .map_err(|e| Self::unreadable(name, e))?;
+        match outcome {
+            (true, _, _) => Ok(PushOutcome::AlreadyArchived),
+            (false, stored, offered) => Err(Error::Conflict {
+                name: name.to_string(),
+                stored: hex::encode(stored),
                 offered: hex::encode(offered),
-            })
+            }),
+        }
+    }
+
+    /// The archive answered "no such object": that is absence only if the archive itself is
+    /// still there. Asks for the identity object afresh (never from memory): a wiped prefix,
+    /// a wrong URL or a store answering "not found" for everything is never "absent".
+    async fn confirm_absent(&self) -> Result<(), Error> {
+        let path = self.identity_path();
+        match self.store.head(&path).await {
+            Ok(_) => {
+                if self.identity.get().is_none() {
+                    self.identity().await?;
+                }
+                Ok(())
+            }
+            Err(object_store::Error::NotFound { .. }) if self.identity.get().is_some() => {
+                Err(Error::IdentityVanished(self.url.clone()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NoArchive(self.url.clone())),
+            Err(e) => Err(Error::backend(format!("reading {path}"), e)),
         }
     }
 
@@ -433,22 +654,28 @@ impl Archive {
         }
     }
 
-    /// The stored object of `name`, or None when it is not archived. A missing identity
-    /// turns "absent" into [`Error::NoArchive`]: a wrong URL must not look like the end of the
-    /// archive to PostgreSQL.
+    /// The stored object of `name`, or None when it is authoritatively not archived (see
+    /// [`Archive::confirm_absent`]): a wrong URL must not look like the end of the archive to
+    /// PostgreSQL.
     async fn get_object(&self, name: &ArchiveName) -> Result<Option<Bytes>, Error> {
         let path = self.object_path(name);
         match self.store.get(&path).await {
             Ok(r) => {
-                let bytes = r
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::backend(format!("downloading {name}"), e))?;
-                telemetry::archive_stored("fetch", bytes.len() as u64);
-                Ok(Some(bytes))
+                // Chunk by chunk, counting what arrives: a slow download is not a dead store.
+                let fail = |e| Error::backend(format!("downloading {name}"), e);
+                let mut buf = bytes::BytesMut::with_capacity(r.meta.size as usize);
+                let mut body = r.into_stream();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(fail)?;
+                    self.received
+                        .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    buf.extend_from_slice(&chunk);
+                }
+                telemetry::archive_stored("fetch", buf.len() as u64);
+                Ok(Some(buf.freeze()))
             }
             Err(object_store::Error::NotFound { .. }) => {
-                self.require_identity().await?;
+                self.confirm_absent().await?;
                 Ok(None)
             }
             Err(e) => Err(Error::backend(format!("downloading {name}"), e)),
@@ -459,7 +686,7 @@ impl Archive {
         match source {
             OpenError::Output(why) => Error::Output {
                 name: name.to_string(),
-                why,
+                why: format!("writing the restored file: {why}"),
             },
             source => Error::Unreadable {
                 name: name.to_string(),
@@ -533,8 +760,8 @@ impl Archive {
         opened.map(Some).map_err(|e| Self::unreadable(name, e))
     }
 
-    /// The object's header (one small ranged read), or None when absent. The header is only
-    /// authenticated when the object is opened; use it for sizes, not for trust.
+    /// The object's header (one small ranged read), or None when authoritatively absent. The
+    /// header is only authenticated when the object is opened; use it for sizes, not for trust.
     pub async fn header(&self, name: &ArchiveName) -> Result<Option<Header>, Error> {
         let path = self.object_path(name);
         match self.store.get_range(&path, 0..HEADER_LEN as u64).await {
@@ -544,7 +771,10 @@ impl Archive {
                     name: name.to_string(),
                     source,
                 }),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.confirm_absent().await?;
+                Ok(None)
+            }
             Err(e) => Err(Error::backend(format!("reading the header of {name}"), e)),
         }
     }
@@ -558,17 +788,12 @@ impl Archive {
                 why: "only .partial files are replaced".into(),
             });
         }
-        self.check_wal_content(name, &data).await?;
-        let key = self.key.clone();
-        let opts = self.seal;
-        let (n, d) = (name.as_str().to_string(), data);
-        let sealed =
-            tokio::task::spawn_blocking(move || envelope::seal(&n, &d, key.as_ref(), opts))
-                .await
-                .map_err(|e| Error::Config(format!("sealing task failed: {e}")))?;
+        let plain = Plain::Bytes(data);
+        self.validate(name, &plain).await?;
+        let (payload, _) = self.seal(name, &plain).await?;
         let path = self.object_path(name);
         self.store
-            .put_opts(&path, PutPayload::from(sealed), PutMode::Overwrite.into())
+            .put_opts(&path, payload, PutMode::Overwrite.into())
             .await
             .map(|_| ())
             .map_err(|e| self.write_error(format!("uploading {name} to {}", self.url), e))
@@ -655,175 +880,26 @@ impl Archive {
     }
 }
 
-/// Building an `ObjectStore` from a URL, each cloud behind its cargo feature.
-mod backend {
-    use super::{Error, StoreConfig};
-    use object_store::local::LocalFileSystem;
-    use object_store::path::Path;
-    use object_store::ObjectStore;
-    use std::sync::Arc;
+mod backend;
+pub mod faults;
 
-    pub(super) fn build(cfg: &StoreConfig) -> Result<(Arc<dyn ObjectStore>, Path), Error> {
-        let raw = cfg.url.trim();
-        if raw.starts_with('/') {
-            return local(std::path::Path::new(raw), cfg.create);
-        }
-        let url = url::Url::parse(raw).map_err(|e| {
-            Error::Config(format!(
-                "archive URL {raw:?} does not parse ({e}); use file:///path, s3://bucket/prefix, \
-                 gs://bucket/prefix or az://container/prefix"
-            ))
-        })?;
-        let prefix = || {
-            Path::parse(url.path().trim_matches('/'))
-                .map_err(|e| Error::Config(format!("archive URL {raw}: bad prefix: {e}")))
-        };
-        match url.scheme() {
-            "file" => {
-                let dir = url
-                    .to_file_path()
-                    .map_err(|_| Error::Config(format!("{raw} is not a local path")))?;
-                local(&dir, cfg.create)
-            }
-            "s3" | "s3a" => Ok((s3(&url, cfg)?, prefix()?)),
-            "gs" => Ok((gcs(&url, cfg)?, prefix()?)),
-            "az" | "azure" | "abfs" => Ok((azure(&url, cfg)?, prefix()?)),
-            other => Err(Error::Config(format!(
-                "unsupported archive URL scheme {other:?} in {raw}; use file://, s3://, gs:// or az://"
-            ))),
-        }
+#[cfg(test)]
+/// A segment-shaped buffer: a long page header for `name` and some content.
+pub(crate) fn test_segment(name: &str, sysid: u64, size: u64) -> Bytes {
+    let seg = SegmentSize::new(size).unwrap();
+    let id = wal::SegmentId::parse(&name[..24], seg).unwrap();
+    let mut b = vec![0u8; size as usize];
+    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    b[2..4].copy_from_slice(&2u16.to_le_bytes());
+    b[4..8].copy_from_slice(&id.timeline.to_le_bytes());
+    b[8..16].copy_from_slice(&seg.start_lsn(id.segno).0.to_le_bytes());
+    b[24..32].copy_from_slice(&sysid.to_le_bytes());
+    b[32..36].copy_from_slice(&(size as u32).to_le_bytes());
+    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    for (i, x) in b[64..4096].iter_mut().enumerate() {
+        *x = (i % 7) as u8;
     }
-
-    fn local(dir: &std::path::Path, create: bool) -> Result<(Arc<dyn ObjectStore>, Path), Error> {
-        if create {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Config(format!(
-                    "cannot create the archive directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
-        } else if !dir.is_dir() {
-            return Err(Error::NoArchive(format!("file://{}", dir.display())));
-        }
-        // fsync file and directories on every write: a push is durable when it returns.
-        let fs = LocalFileSystem::new_with_prefix(dir)
-            .map_err(|e| Error::Config(format!("archive directory {}: {e}", dir.display())))?
-            .with_fsync(true);
-        Ok((Arc::new(fs), Path::default()))
-    }
-
-    #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
-    fn retry(cfg: &StoreConfig) -> object_store::RetryConfig {
-        object_store::RetryConfig {
-            backoff: object_store::BackoffConfig {
-                init_backoff: std::time::Duration::from_millis(100),
-                max_backoff: std::time::Duration::from_secs(5),
-                base: 2.0,
-            },
-            // The time budget is the bound; the count only has to be large enough not to be.
-            max_retries: 1000,
-            retry_timeout: cfg.retry_timeout,
-        }
-    }
-
-    /// Per-request timeouts, set as config keys so the client settings the environment gives
-    /// (proxies, `*_ALLOW_HTTP`, certificates) are kept.
-    #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
-    fn client_timeouts(cfg: &StoreConfig) -> [(object_store::ClientConfigKey, String); 2] {
-        let attempt = cfg.retry_timeout.clamp(
-            std::time::Duration::from_secs(5),
-            std::time::Duration::from_secs(60),
-        );
-        [
-            (
-                object_store::ClientConfigKey::ConnectTimeout,
-                "5s".to_string(),
-            ),
-            (
-                object_store::ClientConfigKey::Timeout,
-                format!("{}ms", attempt.as_millis()),
-            ),
-        ]
-    }
-
-    #[cfg(not(all(feature = "s3", feature = "gcs", feature = "azure")))]
-    fn disabled(scheme: &str, feature: &str) -> Error {
-        Error::Config(format!(
-            "this walfs was built without {scheme}:// support (cargo feature {feature:?})"
-        ))
-    }
-
-    #[cfg(feature = "s3")]
-    fn s3(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::aws::AmazonS3Builder;
-        use object_store::aws::AmazonS3ConfigKey;
-        let mut b = AmazonS3Builder::from_env()
-            .with_url(url.as_str())
-            .with_retry(retry(cfg));
-        for (k, v) in client_timeouts(cfg) {
-            b = b.with_config(AmazonS3ConfigKey::Client(k), v);
-        }
-        // An S3-compatible server on plain http (a local test server, a LAN appliance).
-        let endpoint = std::env::var("AWS_ENDPOINT_URL")
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
-            .unwrap_or_default();
-        if endpoint.starts_with("http://") {
-            b = b.with_allow_http(true);
-        }
-        let s = b
-            .build()
-            .map_err(|e| Error::Config(format!("S3 archive {url}: {e}")))?;
-        Ok(Arc::new(s))
-    }
-    #[cfg(not(feature = "s3"))]
-    fn s3(_: &url::Url, _: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        Err(disabled("s3", "s3"))
-    }
-
-    #[cfg(feature = "gcs")]
-    fn gcs(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-        let mut b = GoogleCloudStorageBuilder::from_env()
-            .with_url(url.as_str())
-            .with_retry(retry(cfg));
-        for (k, v) in client_timeouts(cfg) {
-            b = b.with_config(GoogleConfigKey::Client(k), v);
-        }
-        // A GCS-compatible server on plain http (a local emulator).
-        if std::env::var("GOOGLE_BASE_URL").is_ok_and(|u| u.starts_with("http://")) {
-            b = b.with_config(
-                GoogleConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
-                "true",
-            );
-        }
-        let s = b
-            .build()
-            .map_err(|e| Error::Config(format!("GCS archive {url}: {e}")))?;
-        Ok(Arc::new(s))
-    }
-    #[cfg(not(feature = "gcs"))]
-    fn gcs(_: &url::Url, _: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        Err(disabled("gs", "gcs"))
-    }
-
-    #[cfg(feature = "azure")]
-    fn azure(url: &url::Url, cfg: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-        let mut b = MicrosoftAzureBuilder::from_env()
-            .with_url(url.as_str())
-            .with_retry(retry(cfg));
-        for (k, v) in client_timeouts(cfg) {
-            b = b.with_config(AzureConfigKey::Client(k), v);
-        }
-        let s = b
-            .build()
-            .map_err(|e| Error::Config(format!("Azure archive {url}: {e}")))?;
-        Ok(Arc::new(s))
-    }
-    #[cfg(not(feature = "azure"))]
-    fn azure(_: &url::Url, _: &StoreConfig) -> Result<Arc<dyn ObjectStore>, Error> {
-        Err(disabled("az", "azure"))
-    }
+    Bytes::from(b)
 }
 
 #[cfg(test)]
@@ -833,23 +909,7 @@ mod tests {
 
     const SYSID: u64 = 7_300_000_000_000_000_001;
 
-    /// A segment-shaped buffer: a long page header for `name` and some content.
-    fn segment(name: &str, sysid: u64, size: u64) -> Bytes {
-        let seg = SegmentSize::new(size).unwrap();
-        let id = wal::SegmentId::parse(&name[..24], seg).unwrap();
-        let mut b = vec![0u8; size as usize];
-        b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-        b[2..4].copy_from_slice(&2u16.to_le_bytes());
-        b[4..8].copy_from_slice(&id.timeline.to_le_bytes());
-        b[8..16].copy_from_slice(&seg.start_lsn(id.segno).0.to_le_bytes());
-        b[24..32].copy_from_slice(&sysid.to_le_bytes());
-        b[32..36].copy_from_slice(&(size as u32).to_le_bytes());
-        b[36..40].copy_from_slice(&8192u32.to_le_bytes());
-        for (i, x) in b[64..4096].iter_mut().enumerate() {
-            *x = (i % 7) as u8;
-        }
-        Bytes::from(b)
-    }
+    use super::test_segment as segment;
 
     fn archive() -> Archive {
         Archive::with_store(
@@ -1051,5 +1111,165 @@ mod tests {
             .push(&name, segment(name.as_str(), SYSID, 1 << 20))
             .await
             .is_err());
+    }
+
+    fn faulty_archive() -> (Arc<faults::FaultyStore>, Archive) {
+        let store = faults::FaultyStore::new(Arc::new(InMemory::new()));
+        let a = Archive::with_store(
+            store.clone(),
+            Path::from("pfx"),
+            "memory:///",
+            Some(Key::from_bytes([1; 32])),
+            SealOptions::default(),
+        );
+        (store, a)
+    }
+
+    #[tokio::test]
+    async fn absence_is_only_said_of_an_archive_that_is_there() {
+        let (store, a) = faulty_archive();
+        let missing = n("000000010000000000000009");
+        // Never seen: no archive at all, not "absent".
+        assert!(matches!(a.header(&missing).await, Err(Error::NoArchive(_))));
+        assert!(matches!(a.fetch(&missing).await, Err(Error::NoArchive(_))));
+        let first = n("000000010000000000000001");
+        a.push(&first, segment(first.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        assert_eq!(a.header(&missing).await.unwrap(), None);
+        // The identity vanishes behind the archive's back: every "not found" is suspect now.
+        store
+            .inner()
+            .delete(&Path::from("pfx/walfs.json"))
+            .await
+            .unwrap();
+        let e = a.header(&missing).await.unwrap_err();
+        assert!(matches!(e, Error::IdentityVanished(_)), "{e:?}");
+        assert_eq!(e.class(), Class::Unavailable);
+        assert!(matches!(
+            a.fetch(&missing).await,
+            Err(Error::IdentityVanished(_))
+        ));
+        // The store failing is never absence either.
+        let (store, a) = faulty_archive();
+        a.push(&first, segment(first.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        store.inject(faults::Op::Get, "walfs.json", faults::Fault::Error, None);
+        let e = a.header(&missing).await.unwrap_err();
+        assert_eq!(e.class(), Class::Unavailable, "{e:?}");
+        store.clear();
+        store.inject(faults::Op::Get, "", faults::Fault::BrokenBody, None);
+        assert_eq!(
+            a.fetch(&first).await.unwrap_err().class(),
+            Class::Unavailable
+        );
+    }
+
+    #[tokio::test]
+    async fn only_whole_well_formed_files_are_archived() {
+        let a = archive();
+        let first = n("000000010000000000000001");
+        let seg = segment(first.as_str(), SYSID, 1 << 20);
+        a.push(&first, seg.clone()).await.unwrap();
+        let history = &b"1\t0/3000000\tno recovery target specified\n"[..];
+        let backup = "START WAL LOCATION: 0/100028 (file 000000010000000000000001)\n\
+                      STOP WAL LOCATION: 0/100100 (file 000000010000000000000001)\n\
+                      START TIMELINE: 1\nSTOP TIME: 2026-11-22 10:00:01 UTC\nSTOP TIMELINE: 1\n";
+        let cases: Vec<(&str, Bytes)> = vec![
+            ("00000002.history", Bytes::new()),
+            (
+                "00000002.history",
+                Bytes::copy_from_slice(&history[..history.len() - 1]),
+            ),
+            ("00000002.history", Bytes::copy_from_slice(&history[..10])),
+            ("00000002.history", Bytes::from_static(b"garbage\n")),
+            (
+                "000000010000000000000001.00000028.backup",
+                Bytes::copy_from_slice(&backup.as_bytes()[..backup.len() - 20]),
+            ),
+            (
+                "000000010000000000000001.00000030.backup",
+                Bytes::copy_from_slice(backup.as_bytes()),
+            ),
+            (
+                "000000010000000000000001.partial",
+                seg.slice(..seg.len() / 2),
+            ),
+            ("000000010000000000000001.partial", Bytes::new()),
+            ("000000010000000000000002", Bytes::new()),
+        ];
+        for (name, data) in cases {
+            let name = n(name);
+            match a.push(&name, data.clone()).await {
+                Err(e @ Error::Refused { .. }) => assert_eq!(e.class(), Class::Refused),
+                r => panic!(
+                    "{name} ({} bytes): expected a refusal, got {r:?}",
+                    data.len()
+                ),
+            }
+            assert_eq!(a.fetch(&name).await.unwrap(), None, "{name} was archived");
+        }
+        // The whole files go in, and a cut one never poisoned their names.
+        a.push(&n("00000002.history"), Bytes::from_static(history))
+            .await
+            .unwrap();
+        a.push(
+            &n("000000010000000000000001.00000028.backup"),
+            Bytes::copy_from_slice(backup.as_bytes()),
+        )
+        .await
+        .unwrap();
+        a.push(&n("000000010000000000000001.partial"), seg)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_confirmed_and_a_failed_put_stores_nothing() {
+        let (store, a) = faulty_archive();
+        let first = n("000000010000000000000001");
+        let seg = segment(first.as_str(), SYSID, 1 << 20);
+        a.push(&first, seg.clone()).await.unwrap();
+        let second = n("000000010000000000000002");
+        let seg2 = segment(second.as_str(), SYSID, 1 << 20);
+        // The put fails before anything is stored: an error, and nothing there.
+        store.inject(faults::Op::Put, "wal/", faults::Fault::Error, Some(1));
+        assert_eq!(
+            a.push(&second, seg2.clone()).await.unwrap_err().class(),
+            Class::Unavailable
+        );
+        assert_eq!(a.fetch(&second).await.unwrap(), None);
+        // Stored, but the answer was lost: a retry compares and succeeds.
+        store.inject(
+            faults::Op::Put,
+            "wal/",
+            faults::Fault::LostResponse,
+            Some(1),
+        );
+        assert!(a.push(&second, seg2.clone()).await.is_err());
+        assert_eq!(
+            a.push(&second, seg2.clone()).await.unwrap(),
+            PushOutcome::AlreadyArchived
+        );
+        assert_eq!(a.fetch(&second).await.unwrap().unwrap(), seg2);
+    }
+
+    #[tokio::test]
+    async fn a_file_is_archived_from_disk_as_bytes_are() {
+        let a = archive();
+        let name = n("000000010000000000000001");
+        let seg = segment(name.as_str(), SYSID, 1 << 20);
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &seg).unwrap();
+        // A longer file: only the first `len` bytes count.
+        std::io::Write::write_all(&mut f, b"trailing").unwrap();
+        let g = f.try_clone().unwrap();
+        a.push_file(&name, f, seg.len() as u64).await.unwrap();
+        assert_eq!(a.fetch(&name).await.unwrap().unwrap(), seg);
+        assert_eq!(
+            a.push_file(&name, g, seg.len() as u64).await.unwrap(),
+            PushOutcome::AlreadyArchived
+        );
     }
 }
