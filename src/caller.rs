@@ -59,6 +59,10 @@ pub trait Processes: Send + Sync {
     fn dying(&self, pid: u32) -> bool;
     /// Whether `pid` is exiting (or gone): its files are closed by the kernel.
     fn exiting(&self, pid: u32) -> bool;
+    /// Whether `pid` still has a descriptor open on the file named `name` with inode number
+    /// `ino`: the close being served is of a duplicate (a shell's `>&3`), not the writer's
+    /// last one.
+    fn holds(&self, pid: u32, name: &str, ino: u64) -> bool;
     /// Ends `pid` with SIGKILL: a restore_command killed by a signal makes PostgreSQL stop
     /// the recovery with FATAL instead of promoting.
     fn stop(&self, pid: u32) -> std::io::Result<()>;
@@ -206,6 +210,31 @@ impl Processes for Proc {
         }
     }
 
+    fn holds(&self, pid: u32, name: &str, ino: u64) -> bool {
+        if pid == 0 {
+            return false;
+        }
+        let dir = self.dir(pid);
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            return false;
+        };
+        // The name narrows it down cheaply; the inode number (fdinfo, Linux 5.14+) tells this
+        // file from a source of the same name (`cp pg_wal/X MOUNT/X`).
+        fds.filter_map(Result::ok).any(|fd| {
+            let named = std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.file_name().is_some_and(|n| n == name));
+            named
+                && std::fs::read_to_string(dir.join("fdinfo").join(fd.file_name()))
+                    .ok()
+                    .and_then(|info| {
+                        info.lines()
+                            .find_map(|l| l.strip_prefix("ino:"))
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                    == Some(ino)
+        })
+    }
+
     fn stop(&self, pid: u32) -> std::io::Result<()> {
         let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::other("bad pid"))?;
         if pid <= 1 {
@@ -231,6 +260,7 @@ pub(crate) struct FakeProcs {
     pub role: Mutex<Role>,
     pub dying: AtomicBool,
     pub exiting: AtomicBool,
+    pub holding: AtomicBool,
     pub stopped: AtomicU32,
 }
 
@@ -241,6 +271,7 @@ impl FakeProcs {
             role: Mutex::new(role),
             dying: AtomicBool::new(false),
             exiting: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
             stopped: AtomicU32::new(0),
         }
     }
@@ -256,6 +287,9 @@ impl Processes for FakeProcs {
     }
     fn exiting(&self, _: u32) -> bool {
         self.exiting.load(Ordering::Relaxed)
+    }
+    fn holds(&self, _: u32, _: &str, _: u64) -> bool {
+        self.holding.load(Ordering::Relaxed)
     }
     fn stop(&self, pid: u32) -> std::io::Result<()> {
         self.stopped.store(pid, Ordering::Relaxed);
@@ -355,5 +389,16 @@ mod tests {
         assert!(!p.exiting(me));
         assert!(!p.dying(me));
         assert_ne!(p.role(me), Role::Unknown);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000002.history");
+        let f = std::fs::File::create(&path).unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap());
+        assert!(p.holds(me, "00000002.history", ino));
+        assert!(
+            !p.holds(me, "00000002.history", ino + 1),
+            "another file of that name"
+        );
+        drop(f);
+        assert!(!p.holds(me, "00000002.history", ino));
     }
 }

@@ -7,7 +7,9 @@
 //! there; the close that `cp` checks (FUSE `flush`) seals and uploads it with put-if-absent and
 //! succeeds only once the store confirmed. An archived name is immutable, so nothing that
 //! may be incomplete is ever archived:
-//! - a flush with nothing written (a shell's `open, dup2, close` of a redirection) is a no-op;
+//! - a flush of a duplicate descriptor while the process holds another one (a shell
+//!   redirection's `open, dup2, close`, or `cmd >&3`) archives nothing yet: the last close
+//!   does; a last close with nothing ever written is an empty file, refused;
 //! - a flush from an exiting process (a writer killed mid-file: the kernel closes its files)
 //!   archives nothing;
 //! - `fsync` makes the spool durable and archives nothing (a writer may fsync part-way);
@@ -689,19 +691,36 @@ impl Fs {
             return Ok(());
         };
         let _one = writer.archiving.lock().await;
+        let (version, archived) = {
+            let w = writer.lock();
+            (w.version, w.archived)
+        };
+        if version == archived && version > 0 {
+            // Nothing written since the last archive: a second close after the first
+            // archived it.
+            return Ok(());
+        }
+        if self.procs.exiting(pid) {
+            // The kernel closes a dying process's files: what it wrote may be a prefix.
+            tracing::warn!(%name, pid,
+                "the writer is exiting (killed?) before closing: not archived");
+            return Err(FsError::Io);
+        }
+        let ino = self.state().by_name.get(name).copied().unwrap_or(0);
+        if self.procs.holds(pid, name.as_str(), ino) {
+            // A duplicate closed (a shell redirection's open, dup2 and close, or `cmd >&3`);
+            // the writer goes on. Its last close archives, and reports.
+            tracing::debug!(%name, pid, "a duplicate descriptor closed: not archived yet");
+            return Ok(());
+        }
+        if version == 0 {
+            // The last close of a file nothing was written to: an empty file, which no WAL
+            // file is. Refused, so the copy fails instead of reporting a success.
+            tracing::warn!(%name, "an empty file is not archived: refused");
+            return Err(FsError::Invalid);
+        }
         let (file, len, version) = {
             let mut w = writer.lock();
-            if !w.dirty() {
-                // Nothing written since the last archive: a shell redirection's open, dup2
-                // and close, or a second close after the first archived it.
-                return Ok(());
-            }
-            if self.procs.exiting(pid) {
-                // The kernel closes a dying process's files: what it wrote may be a prefix.
-                tracing::warn!(%name, pid, bytes = w.len,
-                    "the writer is exiting (killed?) before closing: not archived");
-                return Err(FsError::Io);
-            }
             let file = w.file.try_clone().map_err(|e| FsError::local(&e))?;
             w.sealing = true;
             (file, w.len, w.version)
@@ -1158,16 +1177,21 @@ mod tests {
     async fn only_complete_files_are_archived() {
         let rig = Rig::new(Role::Other, true, false).await;
         let h = "00000002.history";
-        // A shell redirection: open, dup2, close before anything is written.
+        // A shell redirection: open, dup2, close before anything is written (the process
+        // holds the duplicate).
         let (_, fh) = rig.fs.create(ROOT, OsStr::new(h)).unwrap();
+        rig.procs.holding.store(true, Ordering::Relaxed);
         rig.fs.flush(fh, PID).await.unwrap();
+        // Written through a duplicate that is closed while the original stays open.
+        rig.fs.write(fh, 0, &HISTORY[..10]).unwrap();
+        rig.fs.flush(fh, PID).await.unwrap();
+        rig.procs.holding.store(false, Ordering::Relaxed);
         assert_eq!(
             rig.stored(h).await,
             None,
             "an empty flush archived something"
         );
-        // The writer goes on, then is killed mid-file: the kernel's close archives nothing.
-        rig.fs.write(fh, 0, &HISTORY[..10]).unwrap();
+        // The writer is killed mid-file: the kernel's close archives nothing.
         rig.procs.exiting.store(true, Ordering::Relaxed);
         assert_eq!(rig.fs.flush(fh, PID).await.unwrap_err(), FsError::Io);
         rig.procs.exiting.store(false, Ordering::Relaxed);
@@ -1183,6 +1207,10 @@ mod tests {
         rig.fs.fsync(fh).await.unwrap();
         assert_eq!(rig.stored(h).await, None, "fsync archived a prefix");
         // A cut file closed normally is refused, and the name stays free.
+        assert_eq!(rig.fs.flush(fh, PID).await.unwrap_err(), FsError::Invalid);
+        rig.fs.release(fh);
+        // The last close of a file nothing was written to: an empty file, refused.
+        let (_, fh) = rig.fs.create(ROOT, OsStr::new(h)).unwrap();
         assert_eq!(rig.fs.flush(fh, PID).await.unwrap_err(), FsError::Invalid);
         rig.fs.release(fh);
         // Truncated to nothing: refused.

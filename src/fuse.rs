@@ -57,11 +57,13 @@ impl Inner {
             } else {
                 FileType::RegularFile
             },
+            // Files are 0640 even on a read-only mount (writes fail with EROFS there anyway):
+            // `cp` gives its copy the source's mode, and PostgreSQL opens the RECOVERYXLOG it
+            // restored read-write to fsync it.
             perm: match (a.dir, ro) {
                 (true, true) => 0o550,
                 (true, false) => 0o750,
-                (false, true) => 0o440,
-                (false, false) => 0o640,
+                (false, _) => 0o640,
             },
             nlink: if a.dir { 2 } else { 1 },
             uid: o.uid,

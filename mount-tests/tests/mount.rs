@@ -653,3 +653,124 @@ fn read_ahead_off_and_random_access_fetch_only_what_is_read() {
     assert_eq!(counter(&stats, "prefetched"), 0, "{stats}");
     assert_eq!(counter(&stats, "readahead_misses"), 6, "{stats}");
 }
+
+/// What the archive holds under `name` (fetched with the CLI), or None.
+fn archived(args: &[String], name: &str, scratch: &Path) -> Option<Vec<u8>> {
+    let dest = scratch.join(format!("fetched-{name}"));
+    let _ = std::fs::remove_file(&dest);
+    let out = run(&mut walfs(
+        args,
+        &[],
+        &["fetch", name, dest.to_str().unwrap()],
+    ));
+    match out.status.code() {
+        Some(0) => Some(std::fs::read(&dest).unwrap()),
+        Some(1) => None,
+        _ => panic!("fetch {name}: {}", stderr_str(&out)),
+    }
+}
+
+#[test]
+fn only_whole_files_are_archived_whatever_the_writer_does() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("mount-whole");
+    let archive = scratch.path().join("archive");
+    let args = local_args(&archive, None);
+    let mount = WalfsMount::start(scratch.path(), &args, &[]);
+    // An identity first (a segment), as on any archive that already serves a cluster.
+    assert!(pg_cp(
+        &wal.path(&wal.segments[0]),
+        &mount.file(&wal.segments[0])
+    ));
+    let history = b"1\t0/3000000\tno recovery target specified\n2\t0/5000000\tbefore 2000-01-01 00:00:00+00\n";
+    let src = scratch.path().join("00000003.history");
+    std::fs::write(&src, history).unwrap();
+    let first_line = "1\t0/3000000\tno recovery target specified\n";
+    let target = mount.file("00000003.history");
+    let sh = |script: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("SRC", &src)
+            .env("DST", &target)
+            .env("LINE", first_line)
+            .output()
+            .expect("sh")
+    };
+
+    // A writer killed after a prefix that is itself a valid history file: the kernel closes
+    // its file as it dies, and walfs archives nothing.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>\"$DST\"; printf '%s' \"$LINE\" >&3; exec sleep 60")
+        .env("DST", &target)
+        .env("LINE", first_line)
+        .spawn()
+        .expect("spawn writer");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    // The dying process waits for walfs to answer its close before it is gone.
+    let _ = child.wait();
+    assert_eq!(
+        archived(&args, "00000003.history", scratch.path()),
+        None,
+        "a killed writer's prefix was archived"
+    );
+
+    // fsync part-way, then an exit without close: nothing archived either.
+    let py = "import os,sys\nf=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC)\n\
+              os.write(f, sys.argv[2].encode())\nos.fsync(f)\nos._exit(0)\n";
+    let out = run(Command::new("/usr/bin/python3")
+        .args(["-c", py])
+        .arg(&target)
+        .arg(first_line));
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert_eq!(
+        archived(&args, "00000003.history", scratch.path()),
+        None,
+        "fsync archived a prefix"
+    );
+
+    // A shell redirection (open, dup2, close before a byte is written), then the whole file.
+    let out = sh("cat \"$SRC\" > \"$DST\"");
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert_eq!(
+        archived(&args, "00000003.history", scratch.path()).as_deref(),
+        Some(&history[..]),
+        "the redirection did not archive the whole file"
+    );
+    // PostgreSQL retries after a crash: the same bytes again are fine, by cp or redirection.
+    assert!(pg_cp(&src, &target));
+    assert!(sh("cat \"$SRC\" > \"$DST\"").status.success());
+
+    // Malformed or empty files are refused with EINVAL and leave the name free.
+    let bad = scratch.path().join("00000004.history");
+    for body in [
+        &b""[..],
+        b"1\t0/3000000\tno newline at the end",
+        b"garbage\n",
+    ] {
+        std::fs::write(&bad, body).unwrap();
+        let out = run(Command::new("cp")
+            .arg(&bad)
+            .arg(mount.file("00000004.history")));
+        assert!(!out.status.success(), "{body:?} archived");
+        if !body.is_empty() {
+            assert!(
+                stderr_str(&out).contains("Invalid argument"),
+                "{}",
+                stderr_str(&out)
+            );
+        }
+        assert_eq!(archived(&args, "00000004.history", scratch.path()), None);
+    }
+    std::fs::write(&bad, b"1\t0/3000000\tx\n2\t0/4000000\ty\n3\t0/5000000\tz\n").unwrap();
+    assert!(run(Command::new("cp")
+        .arg(&bad)
+        .arg(mount.file("00000004.history")))
+    .status
+    .success());
+    drop(mount);
+}
