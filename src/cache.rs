@@ -162,8 +162,14 @@ pub struct Cache {
     serve_partial: bool,
 }
 
-/// A directory name for an archive URL, so caches of different archives never mix.
+/// A directory name for an archive URL, so caches of different archives never mix, and one
+/// archive's cache and spool are found however its URL is spelled.
 fn archive_dir_name(url: &str) -> String {
+    hex::encode(&Sha256::digest(crate::store::canonical_url(url).as_bytes())[..8])
+}
+
+/// The name earlier versions gave the directory: a hash of the URL as spelled.
+fn legacy_dir_name(url: &str) -> String {
     hex::encode(&Sha256::digest(url.as_bytes())[..8])
 }
 
@@ -187,6 +193,33 @@ pub fn archive_names_in(dir: &Path) -> Vec<ArchiveName> {
     v
 }
 
+/// Moves an earlier version's directory for this archive to `dir`: whole when `dir` does not
+/// exist, else the receiver's spooled files `dir` lacks (the rest is rebuilt at start).
+fn take_over(legacy: &Path, dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        std::fs::rename(legacy, dir)?;
+        tracing::info!(from = %legacy.display(), to = %dir.display(),
+            "cache directory renamed (one name per archive, however its URL is spelled)");
+        return Ok(());
+    }
+    for sub in ["spool/ready", "spool/current"] {
+        let (from, to) = (legacy.join(sub), dir.join(sub));
+        let Ok(entries) = std::fs::read_dir(&from) else {
+            continue;
+        };
+        std::fs::create_dir_all(&to)?;
+        for e in entries {
+            let e = e?;
+            let target = to.join(e.file_name());
+            if !target.exists() {
+                std::fs::rename(e.path(), &target)?;
+                tracing::info!(file = %target.display(), "spooled file moved from an earlier cache directory");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn reset_dir(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
@@ -202,7 +235,7 @@ impl Cache {
     /// files need no clean-up: they are unlinked when they land (see `land`), so dropping the
     /// last descriptor frees their blocks.
     pub fn new(archive: Arc<Archive>, opts: &CacheOptions) -> io::Result<Cache> {
-        let base = opts.dir.join(archive_dir_name(archive.url()));
+        let base = Cache::archive_dir(&opts.dir, archive.url());
         let plain_dir = base.join("plain");
         let writes_dir = base.join("writes");
         reset_dir(&plain_dir)?;
@@ -645,14 +678,19 @@ impl Cache {
         crate::telemetry::write_state(&self.stats_path, &v)
     }
 
-    /// The directory of the archive at `url` under `cache_dir` (plain/, writes/, spool/).
+    /// The directory of the archive at `url` under `cache_dir` (plain/, writes/, spool/). A
+    /// directory an earlier version named after this spelling of the URL is taken over (it
+    /// may hold a receiver's spool not uploaded yet).
     pub fn archive_dir(cache_dir: &Path, url: &str) -> PathBuf {
-        cache_dir.join(archive_dir_name(url))
-    }
-
-    /// Where `stats.json` of the archive at `url` lives under `cache_dir`.
-    pub fn stats_path_for(cache_dir: &Path, url: &str) -> PathBuf {
-        cache_dir.join(archive_dir_name(url)).join("stats.json")
+        let dir = cache_dir.join(archive_dir_name(url));
+        let legacy = cache_dir.join(legacy_dir_name(url));
+        if legacy != dir && legacy.is_dir() {
+            if let Err(e) = take_over(&legacy, &dir) {
+                tracing::warn!(from = %legacy.display(), error = %e,
+                    "could not take over the cache directory of an earlier version");
+            }
+        }
+        dir
     }
 
     /// The plaintext size of `name`, or None when it is authoritatively not archived. One
@@ -823,6 +861,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.open(&h3).await.unwrap().read_at(0, 100).unwrap(), body);
+    }
+
+    #[test]
+    fn one_directory_per_archive_and_earlier_ones_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Cache::archive_dir(dir.path(), "s3://b/p");
+        assert_eq!(a, Cache::archive_dir(dir.path(), "s3://b/p/"));
+        assert_eq!(
+            Cache::archive_dir(dir.path(), "/var/x"),
+            Cache::archive_dir(dir.path(), "file:///var/x/")
+        );
+        // A spool an earlier version left under the hash of this spelling moves over.
+        let old = dir.path().join(legacy_dir_name("s3://b/q/"));
+        std::fs::create_dir_all(old.join("spool/ready")).unwrap();
+        std::fs::write(old.join("spool/ready/000000010000000000000001"), b"x").unwrap();
+        let new = Cache::archive_dir(dir.path(), "s3://b/q/");
+        assert_ne!(new, old);
+        assert!(new.join("spool/ready/000000010000000000000001").exists());
+        assert!(!old.exists());
+        // Both existed (two spellings in use before): the spooled files join the new one.
+        std::fs::create_dir_all(old.join("spool/ready")).unwrap();
+        std::fs::write(old.join("spool/ready/000000010000000000000002"), b"y").unwrap();
+        let again = Cache::archive_dir(dir.path(), "s3://b/q/");
+        assert_eq!(again, new);
+        assert!(new.join("spool/ready/000000010000000000000002").exists());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -202,6 +202,40 @@ pub enum PushOutcome {
     AlreadyArchived,
 }
 
+/// One spelling of an archive URL for each archive: `/x`, `/x/` and `file:///x` are one local
+/// archive, `s3://b/p` and `s3://b/p/` (or `s3a://`) one bucket prefix. Caches and the
+/// receiver's spool are found by it, however a command line spelled the URL.
+pub fn canonical_url(url: &str) -> String {
+    let raw = url.trim();
+    let clean = |path: &str| -> String {
+        path.split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    if raw.starts_with('/') {
+        return format!("file:///{}", clean(raw));
+    }
+    let Ok(parsed) = url::Url::parse(raw) else {
+        return raw.to_string();
+    };
+    match parsed.scheme() {
+        "file" => format!("file:///{}", clean(parsed.path())),
+        scheme => {
+            let scheme = match scheme {
+                "s3a" => "s3",
+                "azure" | "abfs" => "az",
+                other => other,
+            };
+            format!(
+                "{scheme}://{}/{}",
+                parsed.host_str().unwrap_or_default(),
+                clean(parsed.path())
+            )
+        }
+    }
+}
+
 /// Opens a local file to archive with [`Archive::push_file`]: the file and its length now.
 pub fn open_local(path: &std::path::Path) -> std::io::Result<(std::fs::File, u64)> {
     let file = std::fs::File::open(path)?;
@@ -923,6 +957,23 @@ mod tests {
 
     fn n(s: &str) -> ArchiveName {
         ArchiveName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn one_archive_one_spelling() {
+        for (a, b) in [
+            ("/var/lib/walfs/archive", "file:///var/lib/walfs/archive/"),
+            ("/x//y/./z", "file:///x/y/z"),
+            ("s3://b/p", "s3://b/p/"),
+            ("s3a://b//p", "s3://b/p"),
+            ("az://c/p", "azure://c/p/"),
+            (" gs://b ", "gs://b/"),
+        ] {
+            assert_eq!(canonical_url(a), canonical_url(b), "{a} vs {b}");
+        }
+        assert_ne!(canonical_url("s3://b/p"), canonical_url("s3://b/q"));
+        assert_ne!(canonical_url("s3://b/p"), canonical_url("gs://b/p"));
+        assert_ne!(canonical_url("/x/y"), canonical_url("/x/y/z"));
     }
 
     #[tokio::test]
