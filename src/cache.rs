@@ -347,7 +347,11 @@ impl Cache {
                     // Decoded straight into a private, unlinked file: no plaintext in memory.
                     let (f, path) = self.new_plain_file(name)?;
                     let _ = std::fs::remove_file(&path);
-                    match self.archive.fetch_into(name, f.try_clone()?).await {
+                    match self
+                        .archive
+                        .fetch_into(name, f.try_clone()?, self.sizes.get(name))
+                        .await
+                    {
                         Ok(Some(len)) => Arc::new(CachedFile {
                             file: f,
                             len,

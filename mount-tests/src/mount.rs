@@ -163,11 +163,13 @@ impl Drop for WalfsMount {
 }
 
 /// A TCP proxy on 127.0.0.1 in front of a local server: it can refuse and cut every
-/// connection (`set_down`) or delay each chunk a client sends (`set_latency`).
+/// connection (`set_down`), delay each chunk a client sends (`set_latency`) or hold what
+/// clients send to a rate (`set_upload_rate`: a slow uplink).
 pub struct FaultProxy {
     port: u16,
     down: Arc<AtomicBool>,
     latency_ms: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<JoinHandle<()>>,
@@ -176,7 +178,7 @@ pub struct FaultProxy {
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
-    delay: Option<Arc<AtomicU64>>,
+    delay: Option<(Arc<AtomicU64>, Arc<AtomicU64>)>,
     down: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -185,10 +187,14 @@ fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(d) = &delay {
-            let ms = d.load(Ordering::Relaxed);
+        if let Some((latency, rate)) = &delay {
+            let ms = latency.load(Ordering::Relaxed);
             if ms > 0 {
                 std::thread::sleep(Duration::from_millis(ms));
+            }
+            let rate = rate.load(Ordering::Relaxed);
+            if rate > 0 {
+                std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
             }
         }
         if down.load(Ordering::Relaxed) || to.write_all(&buf[..n]).is_err() {
@@ -206,11 +212,13 @@ impl FaultProxy {
         listener.set_nonblocking(true).expect("nonblocking");
         let down = Arc::new(AtomicBool::new(false));
         let latency_ms = Arc::new(AtomicU64::new(0));
+        let rate = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (d, l, s, c) = (
+        let (d, l, r, s, c) = (
             down.clone(),
             latency_ms.clone(),
+            rate.clone(),
             stop.clone(),
             conns.clone(),
         );
@@ -242,8 +250,8 @@ impl FaultProxy {
                     (Ok(a), Ok(b)) => (a, b),
                     _ => continue,
                 };
-                let (d1, d2, lat) = (d.clone(), d.clone(), l.clone());
-                std::thread::spawn(move || pump(client, server, Some(lat), d1));
+                let (d1, d2, lat, rate) = (d.clone(), d.clone(), l.clone(), r.clone());
+                std::thread::spawn(move || pump(client, server, Some((lat, rate)), d1));
                 std::thread::spawn(move || pump(sr, cr, None, d2));
             }
         });
@@ -251,6 +259,7 @@ impl FaultProxy {
             port,
             down,
             latency_ms,
+            rate,
             stop,
             conns,
             accept: Some(accept),
@@ -280,6 +289,11 @@ impl FaultProxy {
     pub fn set_latency(&self, d: Duration) {
         self.latency_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Holds what clients send to about `bytes_per_sec` per connection (0: no limit).
+    pub fn set_upload_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 }
 

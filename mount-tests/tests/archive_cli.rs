@@ -623,3 +623,61 @@ fn verify_finds_gaps_and_damage() {
         stdout_str(&out)
     );
 }
+
+/// A WAL segment of `size` bytes for `name` in a cluster of its own: a long page header, then
+/// incompressible bytes (a large object even with compression on).
+fn synthetic_segment(name: &str, size: usize, sysid: u64) -> Vec<u8> {
+    let segno = u64::from_str_radix(&name[16..24], 16).unwrap()
+        + u64::from_str_radix(&name[8..16], 16).unwrap() * (0x1_0000_0000 / size as u64);
+    let mut b = vec![0u8; size];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ sysid;
+    for chunk in b.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    b[2..4].copy_from_slice(&2u16.to_le_bytes());
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    b[8..16].copy_from_slice(&(segno * size as u64).to_le_bytes());
+    b[16..24].fill(0);
+    b[24..32].copy_from_slice(&sysid.to_le_bytes());
+    b[32..36].copy_from_slice(&(size as u32).to_le_bytes());
+    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_large_segment_archives_over_a_slow_link() {
+    // 64 MiB through a 4 MiB/s uplink takes 16 s: three times what one request gets with
+    // retry-timeout 5s. The upload is given the time its size needs, and nothing is lost.
+    let scratch = scratch_dir("cli-slow");
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let proxy = FaultProxy::start(s3.port());
+    proxy.set_upload_rate(4 << 20);
+    let t = Target {
+        url: "s3://wal/p".into(),
+        key: Some(keygen(&scratch.path().join("keys"))),
+        env: s3.env_through(&proxy),
+    };
+    let name = "000000010000000000000001";
+    let seg = synthetic_segment(name, 64 << 20, 7_400_000_000_000_000_001);
+    let path = scratch.path().join(name);
+    std::fs::write(&path, &seg).unwrap();
+    let t0 = Instant::now();
+    let out = run(t
+        .walfs(&["push", path.to_str().unwrap()])
+        .env("WALFS_RETRY_TIMEOUT", "5s"));
+    assert_code(&out, 0, "push over a slow link");
+    assert!(
+        t0.elapsed() > Duration::from_secs(10),
+        "the link was not slow: {:?}",
+        t0.elapsed()
+    );
+    proxy.set_upload_rate(0);
+    let back = scratch.path().join("back");
+    assert_code(&t.fetch(name, &back), 0, "fetch");
+    assert!(std::fs::read(&back).unwrap() == seg, "fetched bytes differ");
+}

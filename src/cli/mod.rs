@@ -578,7 +578,7 @@ async fn fetch_under_policy(
             .tempfile_in(dir)
             .map_err(local)?;
         let out = tmp.as_file().try_clone().map_err(local)?;
-        match archive.fetch_into(&name, out).await {
+        match archive.fetch_into(&name, out, None).await {
             Ok(Some(_)) => {}
             Ok(None) => return Ok(None),
             Err(e) => return Err(Trouble::from(&e)),

@@ -271,6 +271,8 @@ pub struct Entry {
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
+    /// The same store, with clients that give large transfers longer.
+    backend: backend::Backend,
     url: String,
     key: Option<Key>,
     seal: SealOptions,
@@ -285,8 +287,7 @@ pub struct Archive {
 impl Archive {
     /// Connects to the archive at `cfg.url`. Nothing is sent to the backend yet.
     pub fn open(cfg: &StoreConfig, key: Option<Key>, seal: SealOptions) -> Result<Archive, Error> {
-        let (store, prefix) = backend::build(cfg)?;
-        Ok(Archive::with_store(store, prefix, &cfg.url, key, seal))
+        Ok(Archive::on(backend::build(cfg)?, &cfg.url, key, seal))
     }
 
     /// An archive on an already-built store (tests use `InMemory`).
@@ -297,9 +298,14 @@ impl Archive {
         key: Option<Key>,
         seal: SealOptions,
     ) -> Archive {
+        Archive::on(backend::Backend::fixed(store, prefix), url, key, seal)
+    }
+
+    fn on(backend: backend::Backend, url: &str, key: Option<Key>, seal: SealOptions) -> Archive {
         Archive {
-            store,
-            prefix,
+            store: backend.store.clone(),
+            prefix: backend.prefix.clone(),
+            backend,
             url: url.to_string(),
             key,
             seal,
@@ -561,7 +567,8 @@ impl Archive {
         }
         let (payload, stored_bytes) = self.seal(name, &plain).await?;
         match self
-            .store
+            .backend
+            .for_size(stored_bytes)
             .put_opts(&path, payload, PutOptions::from(PutMode::Create))
             .await
         {
@@ -616,7 +623,7 @@ impl Archive {
         name: &ArchiveName,
         plain: &Plain,
     ) -> Result<PushOutcome, Error> {
-        let Some(bytes) = self.get_object(name).await? else {
+        let Some(bytes) = self.get_object(name, Some(plain.source().len())).await? else {
             return Err(Error::Refused {
                 name: name.to_string(),
                 why: "the archived copy vanished while being compared; try again".into(),
@@ -691,9 +698,22 @@ impl Archive {
     /// The stored object of `name`, or None when it is authoritatively not archived (see
     /// [`Archive::confirm_absent`]): a wrong URL must not look like the end of the archive to
     /// PostgreSQL.
-    async fn get_object(&self, name: &ArchiveName) -> Result<Option<Bytes>, Error> {
+    ///
+    /// `size` is what the caller expects the file to hold (a segment: the segment size): the
+    /// download is given the time that needs on a slow link.
+    async fn get_object(
+        &self,
+        name: &ArchiveName,
+        size: Option<u64>,
+    ) -> Result<Option<Bytes>, Error> {
         let path = self.object_path(name);
-        match self.store.get(&path).await {
+        let size = size.or_else(|| match name.kind() {
+            FileKind::Segment | FileKind::Partial => {
+                self.identity.get().map(|i| i.wal_segment_size)
+            }
+            _ => None,
+        });
+        match self.backend.for_size(size.unwrap_or(0)).get(&path).await {
             Ok(r) => {
                 // Chunk by chunk, counting what arrives: a slow download is not a dead store.
                 let fail = |e| Error::backend(format!("downloading {name}"), e);
@@ -743,7 +763,7 @@ impl Archive {
     }
 
     async fn fetch_inner(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
-        let Some(bytes) = self.get_object(name).await? else {
+        let Some(bytes) = self.get_object(name, None).await? else {
             return Ok(None);
         };
         let key = self.key.clone();
@@ -756,14 +776,16 @@ impl Archive {
 
     /// Writes the plaintext of `name` into `file` (from offset 0) and returns its length, or
     /// None when it is not archived. Memory stays at the stored object plus a chunk per core.
-    /// The file's content means nothing unless this returns Ok.
+    /// The file's content means nothing unless this returns Ok. `size`: the plaintext size,
+    /// when known (a slow link gets the time a large file needs).
     pub async fn fetch_into(
         &self,
         name: &ArchiveName,
         file: std::fs::File,
+        size: Option<u64>,
     ) -> Result<Option<u64>, Error> {
         let began = Instant::now();
-        let r = self.fetch_into_inner(name, file).await;
+        let r = self.fetch_into_inner(name, file, size).await;
         record(
             "fetch",
             began,
@@ -777,8 +799,9 @@ impl Archive {
         &self,
         name: &ArchiveName,
         file: std::fs::File,
+        size: Option<u64>,
     ) -> Result<Option<u64>, Error> {
-        let Some(bytes) = self.get_object(name).await? else {
+        let Some(bytes) = self.get_object(name, size).await? else {
             return Ok(None);
         };
         let key = self.key.clone();
@@ -824,9 +847,10 @@ impl Archive {
         }
         let plain = Plain::Bytes(data);
         self.validate(name, &plain).await?;
-        let (payload, _) = self.seal(name, &plain).await?;
+        let (payload, stored) = self.seal(name, &plain).await?;
         let path = self.object_path(name);
-        self.store
+        self.backend
+            .for_size(stored)
             .put_opts(&path, payload, PutMode::Overwrite.into())
             .await
             .map(|_| ())
