@@ -681,3 +681,112 @@ fn a_large_segment_archives_over_a_slow_link() {
     assert_code(&t.fetch(name, &back), 0, "fetch");
     assert!(std::fs::read(&back).unwrap() == seg, "fetched bytes differ");
 }
+
+/// A directory that looks like a PostgreSQL data directory in archive recovery (`recovery`)
+/// or standby mode: restore_command runs with it as the working directory.
+fn data_dir(scratch: &Path, name: &str, signal: &str) -> PathBuf {
+    let d = scratch.join(name);
+    std::fs::create_dir_all(d.join("pg_wal")).unwrap();
+    std::fs::write(d.join("PG_VERSION"), "15\n").unwrap();
+    std::fs::write(d.join(signal), b"").unwrap();
+    d
+}
+
+#[test]
+fn fetch_never_says_absent_to_a_recovery_for_anything_but_absence() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-codes");
+    let archive = scratch.path().join("archive");
+    let t = Target::local(&archive, None);
+    let (seg, damaged) = (&wal.segments[0], &wal.segments[1]);
+    assert_code(&t.push(&wal.path(seg)), 0, "push");
+    assert_code(&t.push(&wal.path(damaged)), 0, "push");
+    let obj = archive.join("wal").join(damaged);
+    let mut b = std::fs::read(&obj).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(&obj, b).unwrap();
+    let recovery = data_dir(scratch.path(), "recovering", "recovery.signal");
+    let standby = data_dir(scratch.path(), "standby", "standby.signal");
+    let elsewhere = scratch.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("pg_wal")).unwrap();
+    let fetch = |t: &Target, dir: &Path, args: &[&str]| {
+        let mut c = t.walfs(&[]);
+        c.arg("fetch").args(args).current_dir(dir);
+        run(&mut c)
+    };
+    let wrong = Target::local(&scratch.path().join("archiv"), None);
+    // (target, args, code for a recovery, for a standby, by hand)
+    let cases: Vec<(&Target, Vec<&str>, i32, i32, i32, &str)> = vec![
+        (
+            &t,
+            vec![seg.as_str(), "pg_wal/RECOVERYXLOG"],
+            0,
+            0,
+            0,
+            "present",
+        ),
+        (
+            &t,
+            vec!["0000000100000000000000AA", "pg_wal/RECOVERYXLOG"],
+            1,
+            1,
+            1,
+            "absent",
+        ),
+        (
+            &t,
+            vec![damaged.as_str(), "pg_wal/RECOVERYXLOG"],
+            204,
+            4,
+            4,
+            "damaged",
+        ),
+        (
+            &wrong,
+            vec![seg.as_str(), "pg_wal/RECOVERYXLOG"],
+            202,
+            2,
+            2,
+            "no archive",
+        ),
+        (
+            &t,
+            vec!["not-a-wal-name", "pg_wal/RECOVERYXLOG"],
+            202,
+            2,
+            2,
+            "bad name",
+        ),
+        (&t, vec![seg.as_str()], 202, 2, 2, "missing %p"),
+    ];
+    for (target, args, rec, stb, other, what) in cases {
+        for (dir, want) in [(&recovery, rec), (&standby, stb), (&elsewhere, other)] {
+            let out = fetch(target, dir, &args);
+            assert_code(&out, want, &format!("{what} from {}", dir.display()));
+        }
+    }
+    // An unreachable store: a recovery waits (here 2 s), then stops; a standby fails fast.
+    let s3 = S3Server::start();
+    s3.create_bucket("wal");
+    let proxy = FaultProxy::start(s3.port());
+    let remote = Target {
+        url: "s3://wal/p".into(),
+        key: None,
+        env: s3.env_through(&proxy),
+    };
+    assert_code(&remote.push(&wal.path(seg)), 0, "push to S3");
+    proxy.set_down(true);
+    for (dir, want) in [(&recovery, 203), (&standby, 3), (&elsewhere, 3)] {
+        let t0 = Instant::now();
+        let mut c = remote.walfs(&[]);
+        c.env("WALFS_RECOVERY_TIMEOUT", "2s")
+            .env("WALFS_STANDBY_TIMEOUT", "1s")
+            .env("WALFS_RETRY_TIMEOUT", "2s")
+            .args(["fetch", seg.as_str(), "pg_wal/RECOVERYXLOG"])
+            .current_dir(dir);
+        let out = run(&mut c);
+        assert_code(&out, want, &format!("store down, from {}", dir.display()));
+        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    }
+}
