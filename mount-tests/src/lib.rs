@@ -33,9 +33,11 @@ use std::time::{Duration, Instant};
 pub use tempfile::TempDir;
 
 mod azure;
+pub mod chaos;
 mod mount;
 mod observe;
 pub use azure::AzuriteServer;
+pub use chaos::{ChaosConfig, ChaosEvent, ChaosProxy, Fault};
 pub use mount::{is_mounted, FaultProxy, WalfsMount};
 pub use observe::{metric, scrape, NotifySocket};
 
@@ -1492,4 +1494,93 @@ mod tests {
         assert!(!is_wal_segment_name("00000001000000000000000g"));
         assert!(!is_wal_segment_name("00000002.history"));
     }
+}
+
+/// For benchmarks and campaigns: `$WALFS_BIN`, or `cargo build --release --bin walfs` in this
+/// workspace, copied to `dir/walfs` (mode 0755) and exported as `$WALFS_BIN` for the harness.
+/// Returns the copy and where it came from (the commit, and whether `src/` had changes).
+pub fn release_walfs(dir: &Path, say: &dyn Fn(&str)) -> (PathBuf, String) {
+    let (src, source) = match std::env::var_os("WALFS_BIN") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "$WALFS_BIN={} does not exist", p.display());
+            say(&format!("walfs: $WALFS_BIN = {}", p.display()));
+            let source = format!("$WALFS_BIN={}", p.display());
+            (p, source)
+        }
+        None => {
+            let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .to_path_buf();
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            say(&format!(
+                "walfs: cargo build --release --bin walfs in {}",
+                ws.display()
+            ));
+            let out = Command::new(&cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "walfs",
+                    "--bin",
+                    "walfs",
+                    "--message-format=json-render-diagnostics",
+                ])
+                .current_dir(&ws)
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run cargo");
+            if !out.status.success() {
+                panic!("cargo build --release --bin walfs failed (set WALFS_BIN to use a built binary)");
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let exe = text
+                .lines()
+                .filter(|l| l.contains("\"compiler-artifact\""))
+                .filter_map(|l| {
+                    let i = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+                    let j = l[i..].find('"')?;
+                    Some(PathBuf::from(&l[i..i + j]))
+                })
+                .find(|p| p.file_name().is_some_and(|n| n == "walfs"))
+                .unwrap_or_else(|| ws.join("target/release/walfs"));
+            assert!(exe.is_file(), "built walfs not found at {}", exe.display());
+            let git = |args: &[&str]| {
+                stdout_str(&run(Command::new("git").args(args).current_dir(&ws)))
+                    .trim()
+                    .to_string()
+            };
+            let commit = git(&["rev-parse", "--short", "HEAD"]);
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "Cargo.toml",
+                "Cargo.lock",
+            ]);
+            let source = format!(
+                "built from {} at commit {commit}{}",
+                ws.display(),
+                if dirty.is_empty() {
+                    ""
+                } else {
+                    " + uncommitted changes in src/"
+                }
+            );
+            (exe, source)
+        }
+    };
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let bin = dir.join("walfs");
+    fs::copy(&src, &bin)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), bin.display()));
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod walfs");
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod bin dir");
+    // Single-threaded here: nothing else reads the environment yet.
+    std::env::set_var("WALFS_BIN", &bin);
+    (bin, source)
 }
