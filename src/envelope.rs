@@ -1,22 +1,40 @@
-//! The object format: a fixed header, then the file in independent chunks, each zstd-compressed
-//! (when that helps) and sealed with AES-256-GCM, or, without a key, followed by a checksum tag.
+//! The object format. Version 2 is written; version 1 (walfs before it) is still read.
+//!
+//! Every object is a fixed header, then the file in independent chunks, each zstd-compressed
+//! (when that helps) and sealed with AES-256-GCM, or, in an archive without a key, followed by
+//! a checksum tag. docs/FORMAT.md describes both versions for other implementations.
 //!
 //! ```text
-//! header (72 bytes, little-endian)
-//!   0  magic "WALFSENV"          8  version (1)         9  cipher (0 none, 1 AES-256-GCM)
+//! header, version 2 (64 bytes, little-endian)
+//!   0  magic "WALFSENV"          8  version (2)         9  cipher (0 none, 1 AES-256-GCM)
 //!   10 compression (0 none, 1 zstd)   11 reserved (0)
 //!   12 chunk size (u32)          16 plaintext length (u64)
-//!   24 key id (8 bytes)          32 nonce prefix (7 bytes)   39 reserved (0)
-//!   40 SHA-256 of the plaintext (32 bytes)
+//!   24 key id (8 bytes; zeros without a key)
+//!   32 salt (32 random bytes)
 //! chunk* : u32 sealed length, then sealed bytes = seal(kind byte (0 raw, 1 zstd) ++ body) ++ tag (16)
 //! ```
 //!
-//! Every chunk's nonce is `nonce prefix ++ chunk index (u32 BE) ++ last-chunk flag`, and its
-//! associated data is the whole header followed by the file's archive name. So a flipped byte
-//! anywhere, a truncated, reordered or extended object, an object swapped with another or renamed
-//! fails to open. Without a key the tag is a truncated SHA-256 over the same inputs: it detects
-//! damage, not forgery. The plaintext length sits at a fixed offset, so `st_size` needs only
-//! [`HEADER_LEN`] bytes.
+//! With a key, each object has a key of its own: `HKDF-SHA256(ikm = archive key, salt = the
+//! header's salt, info = "walfs v2 object key")`, 32 bytes. Chunk `i` of `n` is sealed with
+//! AES-256-GCM under it, with the STREAM construction's nonce (`7 zero bytes ++ i as u32 BE ++
+//! 1 if i = n-1 else 0`: unique within the object, and the key is never used for another), and
+//! associated data = the whole header ++ the file's archive name. So a flipped byte anywhere, a
+//! truncated, reordered or extended object, an object swapped with another or renamed fails to
+//! open. Two objects share a key only if their 256-bit salts collide: among 2^40 objects (a
+//! cluster archiving a segment a second for 35,000 years) the chance is below 2^-177, and no
+//! nonce is ever repeated under one key; GCM's per-key limits (2^32 chunks of at most 64 MiB)
+//! are far above the 2^18 chunks of the largest WAL file.
+//!
+//! In an archive with a key, an object that is not encrypted, or is encrypted under a key the
+//! keyring does not hold, is damage, never data. Without a key the tag is a truncated SHA-256
+//! over the same inputs: it detects damage, not forgery. The header carries no digest of the
+//! plaintext (it would confirm guesses of small files to whoever reads the bucket). The
+//! plaintext length sits at a fixed offset, so `st_size` needs only [`HEADER_LEN`] bytes.
+//!
+//! Version 1 differs in its header (72 bytes: a 7-byte random nonce prefix at 32, a reserved
+//! byte at 39, the SHA-256 of the plaintext at 40), its chunks being sealed directly under the
+//! archive key with `nonce prefix ++ i ++ last` as the nonce, and "walfs chunk tag v1" in the
+//! checksum tag.
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit};
@@ -24,8 +42,12 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 
 pub const MAGIC: &[u8; 8] = b"WALFSENV";
-pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 72;
+/// The version written.
+pub const VERSION: u8 = 2;
+const V1_HEADER_LEN: usize = 72;
+const V2_HEADER_LEN: usize = 64;
+/// Bytes that hold the header of any version (a ranged read of this many gives `st_size`).
+pub const HEADER_LEN: usize = V1_HEADER_LEN;
 const TAG_LEN: usize = 16;
 const FRAME_LEN: usize = 4;
 /// No file PostgreSQL archives is larger than the largest segment.
@@ -41,7 +63,7 @@ pub struct Key {
     id: KeyId,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(pub [u8; 8]);
 
 impl fmt::Display for KeyId {
@@ -65,10 +87,14 @@ impl fmt::Debug for Key {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("a key file holds 64 hex digits (or 32 raw bytes); this one holds {0} bytes")]
-    WrongLength(usize),
-    #[error("the key file is not hex: {0}")]
-    NotHex(String),
+    #[error("a key file holds keys of 64 hex digits, one per line (or 32 raw bytes); line {line} holds {len} characters")]
+    WrongLength { line: usize, len: usize },
+    #[error("a key file holds 64 hex digits per line; line {line} is not hex")]
+    NotHex { line: usize },
+    #[error("the key file holds no key")]
+    Empty,
+    #[error("the key file holds the key with id {0} twice")]
+    Duplicate(KeyId),
 }
 
 impl Key {
@@ -91,32 +117,112 @@ impl Key {
         Ok(Key::from_bytes(bytes))
     }
 
-    /// Reads a key file: 64 hex digits (surrounding white space ignored) or 32 raw bytes.
-    pub fn from_file_contents(contents: &[u8]) -> Result<Key, KeyError> {
-        let text = std::str::from_utf8(contents).map(str::trim);
-        match text {
-            Ok(t) if t.len() == 64 => {
-                let mut bytes = [0u8; 32];
-                hex::decode_to_slice(t, &mut bytes).map_err(|e| KeyError::NotHex(e.to_string()))?;
-                Ok(Key::from_bytes(bytes))
-            }
-            _ if contents.len() == 32 => {
-                let mut bytes = [0u8; 32];
-                bytes.copy_from_slice(contents);
-                Ok(Key::from_bytes(bytes))
-            }
-            Ok(t) => Err(KeyError::WrongLength(t.len())),
-            Err(_) => Err(KeyError::WrongLength(contents.len())),
-        }
-    }
-
-    /// The text a key file holds: 64 hex digits and a newline.
-    pub fn to_file_contents(&self) -> String {
+    /// The line a key file holds for this key: 64 hex digits and a newline.
+    pub fn to_file_line(&self) -> String {
         format!("{}\n", hex::encode(self.bytes))
     }
 
     pub fn id(&self) -> KeyId {
         self.id
+    }
+
+    /// A key of 32 bytes derived from this one for `purpose` (HKDF-SHA256, optional salt).
+    pub(crate) fn derive(&self, salt: Option<&[u8]>, purpose: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hkdf::Hkdf::<Sha256>::new(salt, &self.bytes)
+            .expand(purpose, &mut out)
+            .unwrap_or_else(|_| unreachable!("HKDF-SHA256 gives 32 bytes"));
+        out
+    }
+}
+
+/// The keys an archive is read with; the first (the current key) also writes. A key file
+/// holds one key per line, current first: adding a key on top and moving the archive to it
+/// (`walfs key rotate`) rotates keys, and older objects stay readable while their key is kept.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    keys: Vec<Key>,
+}
+
+impl Keyring {
+    pub fn new(current: Key, older: Vec<Key>) -> Result<Keyring, KeyError> {
+        let mut keys = vec![current];
+        for k in older {
+            if keys.iter().any(|o| o.id() == k.id()) {
+                return Err(KeyError::Duplicate(k.id()));
+            }
+            keys.push(k);
+        }
+        Ok(Keyring { keys })
+    }
+
+    /// Reads a key file: keys of 64 hex digits, one per line, the current one first (blank
+    /// lines and `#` comments ignored); or a single key of 32 raw bytes.
+    pub fn from_file_contents(contents: &[u8]) -> Result<Keyring, KeyError> {
+        let Ok(text) = std::str::from_utf8(contents) else {
+            return if contents.len() == 32 {
+                let mut bytes = [0u8; 32];
+                bytes.copy_from_slice(contents);
+                Ok(Keyring {
+                    keys: vec![Key::from_bytes(bytes)],
+                })
+            } else {
+                Err(KeyError::WrongLength {
+                    line: 1,
+                    len: contents.len(),
+                })
+            };
+        };
+        let mut keys: Vec<Key> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if t.len() != 64 {
+                // 32 raw bytes that happen to be valid UTF-8.
+                if contents.len() == 32 && keys.is_empty() {
+                    let mut bytes = [0u8; 32];
+                    bytes.copy_from_slice(contents);
+                    return Ok(Keyring {
+                        keys: vec![Key::from_bytes(bytes)],
+                    });
+                }
+                return Err(KeyError::WrongLength {
+                    line: i + 1,
+                    len: t.len(),
+                });
+            }
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(t, &mut bytes).map_err(|_| KeyError::NotHex { line: i + 1 })?;
+            let k = Key::from_bytes(bytes);
+            if keys.iter().any(|o| o.id() == k.id()) {
+                return Err(KeyError::Duplicate(k.id()));
+            }
+            keys.push(k);
+        }
+        if keys.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(Keyring { keys })
+    }
+
+    /// The text of a key file for this keyring.
+    pub fn to_file_contents(&self) -> String {
+        self.keys.iter().map(Key::to_file_line).collect()
+    }
+
+    /// The key new objects are sealed with.
+    pub fn current(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    pub fn get(&self, id: KeyId) -> Option<&Key> {
+        self.keys.iter().find(|k| k.id() == id)
+    }
+
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
     }
 }
 
@@ -135,14 +241,15 @@ pub enum Compression {
 /// The fixed-size header at the start of every object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    pub version: u8,
     pub cipher: Cipher,
     pub compression: Compression,
     pub chunk_size: u32,
     pub plaintext_len: u64,
     pub key_id: KeyId,
-    nonce_prefix: [u8; 7],
-    /// SHA-256 of the plaintext: what "same content" means on re-archive.
-    pub digest: [u8; 32],
+    /// Version 2: the salt the object's key is derived with. Version 1: bytes 32..39 are the
+    /// nonce prefix (the rest is unused).
+    salt: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -153,8 +260,10 @@ pub enum OpenError {
     UnsupportedVersion(u8),
     #[error("the object is encrypted (key id {0}) and no key is configured (--key-file)")]
     KeyRequired(KeyId),
-    #[error("wrong key: the object was sealed with key id {object}, the configured key has id {configured}")]
+    #[error("the object was sealed with key id {object}, which the configured key file does not hold (its current key has id {configured})")]
     WrongKey { object: KeyId, configured: KeyId },
+    #[error("the object is not encrypted, but this archive is: walfs never writes one, so it is damage or tampering")]
+    Unencrypted,
     #[error("damaged object: {0}")]
     Corrupt(String),
     #[error("writing the opened file: {0}")]
@@ -166,9 +275,10 @@ fn corrupt(why: impl Into<String>) -> OpenError {
 }
 
 impl Header {
-    /// Parses and sanity-checks a header. It is authenticated only when the chunks are opened.
+    /// Parses and sanity-checks a header of either version. It is authenticated only when the
+    /// chunks are opened.
     pub fn parse(bytes: &[u8]) -> Result<Header, OpenError> {
-        if bytes.len() < HEADER_LEN {
+        if bytes.len() < 9 {
             return if bytes.len() >= 8 && &bytes[..8] != MAGIC {
                 Err(OpenError::NotWalfs)
             } else {
@@ -178,8 +288,14 @@ impl Header {
         if &bytes[..8] != MAGIC {
             return Err(OpenError::NotWalfs);
         }
-        if bytes[8] != VERSION {
-            return Err(OpenError::UnsupportedVersion(bytes[8]));
+        let version = bytes[8];
+        let len = match version {
+            1 => V1_HEADER_LEN,
+            2 => V2_HEADER_LEN,
+            v => return Err(OpenError::UnsupportedVersion(v)),
+        };
+        if bytes.len() < len {
+            return Err(corrupt(format!("truncated header ({} bytes)", bytes.len())));
         }
         let cipher = match bytes[9] {
             0 => Cipher::None,
@@ -191,36 +307,50 @@ impl Header {
             1 => Compression::Zstd,
             c => return Err(corrupt(format!("unknown compression {c}"))),
         };
-        if bytes[11] != 0 || bytes[39] != 0 {
+        if bytes[11] != 0 || (version == 1 && bytes[39] != 0) {
             return Err(corrupt("reserved header bytes are set"));
         }
-        let chunk_size = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default());
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let chunk_size = u32_at(12);
         if !(4096..=(64 << 20)).contains(&chunk_size) {
             return Err(corrupt(format!("implausible chunk size {chunk_size}")));
         }
-        let plaintext_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
+        let mut b8 = [0u8; 8];
+        b8.copy_from_slice(&bytes[16..24]);
+        let plaintext_len = u64::from_le_bytes(b8);
         if plaintext_len > MAX_PLAINTEXT {
             return Err(corrupt(format!("implausible length {plaintext_len}")));
         }
         let mut key_id = [0u8; 8];
         key_id.copy_from_slice(&bytes[24..32]);
-        let mut nonce_prefix = [0u8; 7];
-        nonce_prefix.copy_from_slice(&bytes[32..39]);
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(&bytes[40..72]);
+        let mut salt = [0u8; 32];
+        match version {
+            1 => salt[..7].copy_from_slice(&bytes[32..39]),
+            _ => salt.copy_from_slice(&bytes[32..64]),
+        }
         Ok(Header {
+            version,
             cipher,
             compression,
             chunk_size,
             plaintext_len,
             key_id: KeyId(key_id),
-            nonce_prefix,
-            digest,
+            salt,
         })
     }
 
-    fn to_bytes(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
+    /// The header's length in the object.
+    pub fn encoded_len(&self) -> usize {
+        match self.version {
+            1 => V1_HEADER_LEN,
+            _ => V2_HEADER_LEN,
+        }
+    }
+
+    /// The version 2 header's bytes (version 1 is never written).
+    fn to_bytes(&self) -> [u8; V2_HEADER_LEN] {
+        let mut b = [0u8; V2_HEADER_LEN];
         b[..8].copy_from_slice(MAGIC);
         b[8] = VERSION;
         b[9] = match self.cipher {
@@ -234,8 +364,7 @@ impl Header {
         b[12..16].copy_from_slice(&self.chunk_size.to_le_bytes());
         b[16..24].copy_from_slice(&self.plaintext_len.to_le_bytes());
         b[24..32].copy_from_slice(&self.key_id.0);
-        b[32..39].copy_from_slice(&self.nonce_prefix);
-        b[40..72].copy_from_slice(&self.digest);
+        b[32..64].copy_from_slice(&self.salt);
         b
     }
 
@@ -276,19 +405,21 @@ struct Sealer<'a> {
 
 impl<'a> Sealer<'a> {
     fn new(header: &'a Header, header_bytes: &[u8], name: &str, key: Option<&Key>) -> Self {
-        let mut aad = Vec::with_capacity(HEADER_LEN + name.len());
+        let mut aad = Vec::with_capacity(header_bytes.len() + name.len());
         aad.extend_from_slice(header_bytes);
         aad.extend_from_slice(name.as_bytes());
-        Sealer {
-            aead: key.map(|k| Aes256Gcm::new((&k.bytes).into())),
-            header,
-            aad,
-        }
+        let aead = key.map(|k| match header.version {
+            1 => Aes256Gcm::new((&k.bytes).into()),
+            _ => Aes256Gcm::new(&k.derive(Some(&header.salt), b"walfs v2 object key").into()),
+        });
+        Sealer { aead, header, aad }
     }
 
     fn nonce(&self, i: usize) -> [u8; 12] {
         let mut n = [0u8; 12];
-        n[..7].copy_from_slice(&self.header.nonce_prefix);
+        if self.header.version == 1 {
+            n[..7].copy_from_slice(&self.header.salt[..7]);
+        }
         n[7..11].copy_from_slice(&(i as u32).to_be_bytes());
         n[11] = u8::from(i + 1 == self.header.chunk_count());
         n
@@ -296,7 +427,10 @@ impl<'a> Sealer<'a> {
 
     fn checksum_tag(&self, nonce: &[u8; 12], payload: &[u8]) -> [u8; TAG_LEN] {
         let mut h = Sha256::new();
-        h.update(b"walfs chunk tag v1\0");
+        h.update(match self.header.version {
+            1 => &b"walfs chunk tag v1\0"[..],
+            _ => &b"walfs chunk tag v2\0"[..],
+        });
         h.update(nonce);
         h.update((self.aad.len() as u64).to_le_bytes());
         h.update(&self.aad);
@@ -458,10 +592,8 @@ pub fn seal(name: &str, plaintext: &[u8], key: Option<&Key>, opts: SealOptions) 
 }
 
 /// Seals `src` as the object for archive name `name` and writes it to `out`; returns the
-/// object's length. Memory stays at a few chunks whatever the file's size: one pass hashes the
-/// plaintext (the digest is in the header, which every chunk authenticates), a second
-/// compresses a window of chunks on every core and writes them in order. CPU-bound: call from
-/// a blocking context.
+/// object's length. Memory stays at a few chunks whatever the file's size: a window of chunks
+/// is compressed on every core and written in order. CPU-bound: call from a blocking context.
 pub fn seal_to(
     name: &str,
     src: Source<'_>,
@@ -478,14 +610,12 @@ pub fn seal_to(
             ),
         ));
     }
-    let mut nonce_prefix = [0u8; 7];
-    if key.is_some() {
-        // A nonce must never repeat under one key: 56 random bits per object, plus the chunk
-        // index, leave the chance of a collision negligible for any archive's lifetime.
-        getrandom::getrandom(&mut nonce_prefix)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-    }
+    // The object's key is derived with this salt: no two objects share a key (see the module
+    // documentation for the bound).
+    let mut salt = [0u8; 32];
+    getrandom::getrandom(&mut salt).map_err(|e| std::io::Error::other(e.to_string()))?;
     let header = Header {
+        version: VERSION,
         cipher: if key.is_some() {
             Cipher::Aes256Gcm
         } else {
@@ -499,13 +629,12 @@ pub fn seal_to(
         chunk_size: opts.chunk_size,
         plaintext_len: src.len(),
         key_id: key.map_or(KeyId([0; 8]), Key::id),
-        nonce_prefix,
-        digest: src.digest()?,
+        salt,
     };
     let header_bytes = header.to_bytes();
     let sealer = Sealer::new(&header, &header_bytes, name, key);
     out.write_all(&header_bytes)?;
-    let mut written = HEADER_LEN as u64;
+    let mut written = header_bytes.len() as u64;
     let chunk_size = opts.chunk_size as usize;
     let n = header.chunk_count();
     let threads = workers(n);
@@ -550,37 +679,42 @@ pub fn seal_to(
 /// A sink for opened plaintext: `(offset, bytes)`, called from several threads.
 pub type Sink<'a> = dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync + 'a;
 
+/// A sink that can be handed to another thread.
+pub type OwnedSink = dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync + 'static;
+
 /// Opens the object stored for `name` into `sink`, chunk by chunk on every core. Nothing the
 /// sink received may be used unless this returns Ok (with the plaintext length): a damaged
 /// chunk anywhere fails the whole object. CPU-bound: call from a blocking context.
 pub fn open_into(
     name: &str,
     object: &[u8],
-    key: Option<&Key>,
+    keys: Option<&Keyring>,
     sink: &Sink<'_>,
 ) -> Result<u64, OpenError> {
     let header = Header::parse(object)?;
-    let key = match (header.cipher, key) {
-        (Cipher::None, _) => None,
+    let key = match (header.cipher, keys) {
+        // An archive with a key holds only encrypted objects: anything else was planted.
+        (Cipher::None, Some(_)) => return Err(OpenError::Unencrypted),
+        (Cipher::None, None) => None,
         (Cipher::Aes256Gcm, None) => return Err(OpenError::KeyRequired(header.key_id)),
-        (Cipher::Aes256Gcm, Some(k)) if k.id() != header.key_id => {
-            return Err(OpenError::WrongKey {
+        (Cipher::Aes256Gcm, Some(ring)) => {
+            Some(ring.get(header.key_id).ok_or(OpenError::WrongKey {
                 object: header.key_id,
-                configured: k.id(),
-            })
+                configured: ring.current().id(),
+            })?)
         }
-        (Cipher::Aes256Gcm, Some(k)) => Some(k),
     };
     let n = header.chunk_count();
+    let header_len = header.encoded_len();
     // Each record needs at least a frame, a kind byte and a tag: refuse lengths the object
     // cannot hold before allocating for them.
     let min_record = FRAME_LEN + 1 + TAG_LEN;
-    if (object.len() - HEADER_LEN) / min_record < n {
+    if (object.len() - header_len) / min_record < n {
         return Err(corrupt("truncated: fewer chunks than the header announces"));
     }
     // Frame the records (cheap), then open them in parallel.
     let mut records = Vec::with_capacity(n);
-    let mut pos = HEADER_LEN;
+    let mut pos = header_len;
     for i in 0..n {
         let len_bytes = object
             .get(pos..pos + FRAME_LEN)
@@ -600,7 +734,7 @@ pub fn open_into(
             object.len() - pos
         )));
     }
-    let sealer = Sealer::new(&header, &object[..HEADER_LEN], name, key);
+    let sealer = Sealer::new(&header, &object[..header_len], name, key);
     // Workers take chunks in turn and hand each, once authenticated and expanded, to the
     // sink: memory stays at one chunk per worker whatever the file's size.
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -611,7 +745,8 @@ pub fn open_into(
                 let (sealer, records, next) = (&sealer, &records, &next);
                 let header = &header;
                 s.spawn(move || {
-                    let mut buf = vec![0u8; cs];
+                    // What the object claims, within bounds: no more than its plaintext.
+                    let mut buf = vec![0u8; cs.min(header.plaintext_len as usize)];
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if i >= n {
@@ -637,19 +772,22 @@ pub fn open_into(
     results.into_iter().collect::<Result<(), _>>()?;
     // No whole-file hash here: every chunk authenticated against the header (which fixes the
     // chunk count and each chunk's length) and its index, the last chunk carries the last
-    // flag, and nothing follows it, so the plaintext is exactly what was sealed. The header's
-    // digest serves content comparisons (re-archive), not integrity.
+    // flag, and nothing follows it, so the plaintext is exactly what was sealed.
     Ok(header.plaintext_len)
 }
 
 /// Opens the object stored for `name` into memory: authenticates every chunk before
 /// returning a single byte. CPU-bound: call from a blocking context.
-pub fn open(name: &str, object: &[u8], key: Option<&Key>) -> Result<Vec<u8>, OpenError> {
-    let len = Header::parse(object)?.plaintext_len as usize;
-    let out = std::sync::Mutex::new(vec![0u8; len]);
-    open_into(name, object, key, &|at, bytes| {
+pub fn open(name: &str, object: &[u8], keys: Option<&Keyring>) -> Result<Vec<u8>, OpenError> {
+    // Grown as authenticated chunks arrive: a header claiming 1 GiB allocates nothing by itself.
+    let out = std::sync::Mutex::new(Vec::new());
+    open_into(name, object, keys, &|at, bytes| {
         let mut v = out.lock().unwrap_or_else(|p| p.into_inner());
-        v[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        let end = at as usize + bytes.len();
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[at as usize..end].copy_from_slice(bytes);
         Ok(())
     })?;
     Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
@@ -663,6 +801,10 @@ mod tests {
 
     fn key(b: u8) -> Key {
         Key::from_bytes([b; 32])
+    }
+
+    fn ring(b: u8) -> Keyring {
+        Keyring::new(key(b), Vec::new()).unwrap()
     }
 
     fn sample(len: usize) -> Vec<u8> {
@@ -685,66 +827,89 @@ mod tests {
         }
     }
 
+    /// Seals with the ring's current key (as the archive does).
+    fn seal_with(name: &str, data: &[u8], r: Option<&Keyring>, opts: SealOptions) -> Vec<u8> {
+        seal(name, data, r.map(Keyring::current), opts)
+    }
+
     #[test]
     fn round_trips_with_and_without_key() {
         for len in [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, 100_000] {
             let data = sample(len);
-            for k in [None, Some(key(7))] {
+            for r in [None, Some(ring(7))] {
                 for level in [0, 3] {
                     let opts = SealOptions {
                         level,
                         chunk_size: 4096,
                     };
-                    let obj = seal(NAME, &data, k.as_ref(), opts);
-                    assert_eq!(open(NAME, &obj, k.as_ref()).unwrap(), data, "len {len}");
-                    let h = Header::parse(&obj[..HEADER_LEN]).unwrap();
-                    assert_eq!(h.plaintext_len, len as u64);
-                    assert_eq!(h.digest, digest(&data));
+                    let obj = seal_with(NAME, &data, r.as_ref(), opts);
+                    assert_eq!(open(NAME, &obj, r.as_ref()).unwrap(), data, "len {len}");
+                    let h = Header::parse(&obj[..HEADER_LEN.min(obj.len())]).unwrap();
+                    assert_eq!((h.version, h.plaintext_len), (2, len as u64));
                 }
             }
         }
     }
 
     #[test]
+    fn the_header_holds_no_digest_of_the_plaintext() {
+        let data = b"1\t0/3000000\tno recovery target specified\n";
+        let obj = seal_with("00000002.history", data, Some(&ring(1)), small_chunks());
+        let d = digest(data);
+        assert!(
+            !obj.windows(32).any(|w| w == d),
+            "the plaintext's SHA-256 is in the object"
+        );
+        assert!(
+            !obj.windows(data.len()).any(|w| w == data),
+            "plaintext in the object"
+        );
+    }
+
+    #[test]
     fn compresses() {
         let data = sample(1 << 20);
-        let obj = seal(NAME, &data, Some(&key(1)), SealOptions::default());
+        let obj = seal_with(NAME, &data, Some(&ring(1)), SealOptions::default());
         assert!(obj.len() < data.len() / 3, "{} bytes", obj.len());
     }
 
     #[test]
-    fn nonces_differ_between_objects() {
+    fn every_object_has_its_own_salt() {
         let data = sample(10_000);
-        let a = seal(NAME, &data, Some(&key(1)), small_chunks());
-        let b = seal(NAME, &data, Some(&key(1)), small_chunks());
+        let a = seal_with(NAME, &data, Some(&ring(1)), small_chunks());
+        let b = seal_with(NAME, &data, Some(&ring(1)), small_chunks());
+        assert_ne!(a[32..64], b[32..64]);
         assert_ne!(a, b);
     }
 
     fn assert_corrupt(r: Result<Vec<u8>, OpenError>, what: &str) {
         match r {
             Err(OpenError::Corrupt(_)) | Err(OpenError::NotWalfs) => {}
-            other => panic!("{what}: expected a damaged-object error, got {other:?}"),
+            other => panic!(
+                "{what}: expected a damaged-object error, got {:?}",
+                other.map(|v| v.len())
+            ),
         }
     }
 
     #[test]
     fn every_flipped_byte_is_refused() {
         let data = sample(3 * 4096 + 100);
-        for k in [None, Some(key(3))] {
-            let obj = seal(NAME, &data, k.as_ref(), small_chunks());
+        for r in [None, Some(ring(3))] {
+            let obj = seal_with(NAME, &data, r.as_ref(), small_chunks());
             for pos in 0..obj.len() {
                 let mut bad = obj.clone();
                 bad[pos] ^= 0x40;
-                let r = open(NAME, &bad, k.as_ref());
-                // A flip inside the key id of an encrypted object reads as another key.
-                let key_id_field = (24..32).contains(&pos);
-                match r {
+                let res = open(NAME, &bad, r.as_ref());
+                // A flip inside the key id of an encrypted object reads as another key; one in
+                // the cipher byte as an unencrypted object.
+                match res {
                     Ok(_) => panic!(
                         "flip at {pos} of {} accepted (key {})",
                         obj.len(),
-                        k.is_some()
+                        r.is_some()
                     ),
-                    Err(OpenError::WrongKey { .. }) if key_id_field => {}
+                    Err(OpenError::WrongKey { .. }) if (24..32).contains(&pos) => {}
                     Err(OpenError::UnsupportedVersion(_)) if pos == 8 => {}
                     Err(e) => assert!(
                         matches!(e, OpenError::Corrupt(_) | OpenError::NotWalfs),
@@ -758,29 +923,28 @@ mod tests {
     #[test]
     fn truncation_and_extension_are_refused() {
         let data = sample(3 * 4096 + 100);
-        for k in [None, Some(key(3))] {
-            let obj = seal(NAME, &data, k.as_ref(), small_chunks());
+        for r in [None, Some(ring(3))] {
+            let obj = seal_with(NAME, &data, r.as_ref(), small_chunks());
             for cut in [
                 0,
                 7,
-                HEADER_LEN - 1,
-                HEADER_LEN,
-                HEADER_LEN + 3,
+                V2_HEADER_LEN - 1,
+                V2_HEADER_LEN,
+                V2_HEADER_LEN + 3,
                 obj.len() / 2,
                 obj.len() - 1,
             ] {
                 assert_corrupt(
-                    open(NAME, &obj[..cut], k.as_ref()),
+                    open(NAME, &obj[..cut], r.as_ref()),
                     &format!("cut at {cut}"),
                 );
             }
             let mut longer = obj.clone();
             longer.extend_from_slice(&[0u8; 21]);
-            assert_corrupt(open(NAME, &longer, k.as_ref()), "extended");
-            // Dropping whole trailing chunks while fixing up nothing else.
-            let empty = seal(NAME, &[], k.as_ref(), small_chunks());
+            assert_corrupt(open(NAME, &longer, r.as_ref()), "extended");
+            let empty = seal_with(NAME, &[], r.as_ref(), small_chunks());
             assert_corrupt(
-                open(NAME, &empty[..HEADER_LEN], k.as_ref()),
+                open(NAME, &empty[..V2_HEADER_LEN], r.as_ref()),
                 "empty file cut",
             );
         }
@@ -789,81 +953,150 @@ mod tests {
     #[test]
     fn reordered_chunks_are_refused() {
         let data = sample(2 * 4096);
-        for k in [None, Some(key(9))] {
-            let obj = seal(
+        for r in [None, Some(ring(9))] {
+            let obj = seal_with(
                 NAME,
-                &sample(2 * 4096),
-                k.as_ref(),
+                &data,
+                r.as_ref(),
                 SealOptions {
                     level: 0,
                     chunk_size: 4096,
                 },
             );
             // Two raw chunks of equal length: swap the records.
-            let rec = (obj.len() - HEADER_LEN) / 2;
-            let mut swapped = obj[..HEADER_LEN].to_vec();
-            swapped.extend_from_slice(&obj[HEADER_LEN + rec..]);
-            swapped.extend_from_slice(&obj[HEADER_LEN..HEADER_LEN + rec]);
-            assert_corrupt(open(NAME, &swapped, k.as_ref()), "swapped chunks");
-            assert_eq!(open(NAME, &obj, k.as_ref()).unwrap(), data);
+            let rec = (obj.len() - V2_HEADER_LEN) / 2;
+            let mut swapped = obj[..V2_HEADER_LEN].to_vec();
+            swapped.extend_from_slice(&obj[V2_HEADER_LEN + rec..]);
+            swapped.extend_from_slice(&obj[V2_HEADER_LEN..V2_HEADER_LEN + rec]);
+            assert_corrupt(open(NAME, &swapped, r.as_ref()), "swapped chunks");
+            assert_eq!(open(NAME, &obj, r.as_ref()).unwrap(), data);
         }
     }
 
     #[test]
     fn renamed_or_swapped_objects_are_refused() {
-        for k in [None, Some(key(4))] {
-            let a = seal(NAME, &sample(5000), k.as_ref(), small_chunks());
-            assert_corrupt(open("000000010000000000000004", &a, k.as_ref()), "renamed");
+        for r in [None, Some(ring(4))] {
+            let a = seal_with(NAME, &sample(5000), r.as_ref(), small_chunks());
+            assert_corrupt(open("000000010000000000000004", &a, r.as_ref()), "renamed");
             // Another object's body under this object's header.
-            let b = seal(
+            let b = seal_with(
                 "000000010000000000000004",
                 &sample(5000),
-                k.as_ref(),
+                r.as_ref(),
                 small_chunks(),
             );
-            let mut mixed = a[..HEADER_LEN].to_vec();
-            mixed.extend_from_slice(&b[HEADER_LEN..]);
-            assert_corrupt(open(NAME, &mixed, k.as_ref()), "swapped body");
+            let mut mixed = a[..V2_HEADER_LEN].to_vec();
+            mixed.extend_from_slice(&b[V2_HEADER_LEN..]);
+            assert_corrupt(open(NAME, &mixed, r.as_ref()), "swapped body");
         }
     }
 
     #[test]
-    fn key_errors_are_named() {
-        let obj = seal(NAME, &sample(100), Some(&key(1)), small_chunks());
+    fn a_keyed_archive_opens_only_objects_under_its_keys() {
+        let data = sample(100);
+        let obj = seal_with(NAME, &data, Some(&ring(1)), small_chunks());
         assert!(matches!(
-            open(NAME, &obj, Some(&key(2))),
+            open(NAME, &obj, Some(&ring(2))),
             Err(OpenError::WrongKey { .. })
         ));
         assert!(matches!(
             open(NAME, &obj, None),
             Err(OpenError::KeyRequired(_))
         ));
-        // An object sealed without a key opens with one configured (key added later).
-        let plain = seal(NAME, &sample(100), None, small_chunks());
-        assert_eq!(open(NAME, &plain, Some(&key(2))).unwrap(), sample(100));
+        // Downgrade: an object without encryption (anyone can make one) is never data under a key.
+        let plain = seal_with(NAME, &data, None, small_chunks());
+        assert_eq!(
+            open(NAME, &plain, Some(&ring(2))),
+            Err(OpenError::Unencrypted)
+        );
+        assert_eq!(open(NAME, &plain, None).unwrap(), data);
         assert_eq!(
             open(NAME, b"not an object at all, clearly", None),
             Err(OpenError::NotWalfs)
         );
+        // A keyring reads objects under any of its keys; writes under the first.
+        let rotated = Keyring::new(key(2), vec![key(1)]).unwrap();
+        assert_eq!(open(NAME, &obj, Some(&rotated)).unwrap(), data);
+        let new = seal_with(NAME, &data, Some(&rotated), small_chunks());
+        assert_eq!(Header::parse(&new).unwrap().key_id, key(2).id());
+        assert!(matches!(
+            open(NAME, &new, Some(&ring(1))),
+            Err(OpenError::WrongKey { .. })
+        ));
+    }
+
+    /// Objects the first release wrote (format 1), kept in the repository as they were made.
+    #[test]
+    fn version_1_objects_stay_readable_and_tamper_evident() {
+        let keyed: &[u8] = include_bytes!("envelope_testdata/v1-keyed.obj");
+        let plain: &[u8] = include_bytes!("envelope_testdata/v1-plain.obj");
+        let data = (0..10_000u32)
+            .map(|i| {
+                if (i / 4096) % 3 == 0 {
+                    (i % 251) as u8
+                } else {
+                    0
+                }
+            })
+            .collect::<Vec<u8>>();
+        assert_eq!(Header::parse(keyed).unwrap().version, 1);
+        let r7 = ring(7);
+        assert_eq!(open(NAME, keyed, Some(&r7)).unwrap(), data);
+        assert_eq!(open(NAME, plain, None).unwrap(), data);
+        // The downgrade is refused for version 1 too.
+        assert_eq!(open(NAME, plain, Some(&r7)), Err(OpenError::Unencrypted));
+        for pos in [20, 50, 100, keyed.len() - 1] {
+            let mut bad = keyed.to_vec();
+            bad[pos] ^= 1;
+            assert!(open(NAME, &bad, Some(&r7)).is_err(), "flip at {pos}");
+        }
+        assert!(open("000000010000000000000004", keyed, Some(&r7)).is_err());
     }
 
     #[test]
     fn key_files() {
         let k = Key::generate().unwrap();
-        let again = Key::from_file_contents(k.to_file_contents().as_bytes()).unwrap();
-        assert_eq!(again.id(), k.id());
+        let again = Keyring::from_file_contents(k.to_file_line().as_bytes()).unwrap();
+        assert_eq!(again.current().id(), k.id());
         assert_eq!(
-            Key::from_file_contents(&[5u8; 32]).unwrap().id(),
+            Keyring::from_file_contents(&[5u8; 32])
+                .unwrap()
+                .current()
+                .id(),
             key(5).id()
         );
+        let two = format!(
+            "# rotated 2026-11-29\n{}\n{}",
+            key(2).to_file_line(),
+            key(1).to_file_line()
+        );
+        let r = Keyring::from_file_contents(two.as_bytes()).unwrap();
+        assert_eq!(r.current().id(), key(2).id());
+        assert!(r.get(key(1).id()).is_some());
+        assert_eq!(
+            Keyring::from_file_contents(r.to_file_contents().as_bytes())
+                .unwrap()
+                .keys()
+                .len(),
+            2
+        );
         assert!(matches!(
-            Key::from_file_contents(b"abcd\n"),
-            Err(KeyError::WrongLength(4))
+            Keyring::from_file_contents(b"abcd\n"),
+            Err(KeyError::WrongLength { line: 1, len: 4 })
         ));
         assert!(matches!(
-            Key::from_file_contents("z".repeat(64).as_bytes()),
-            Err(KeyError::NotHex(_))
+            Keyring::from_file_contents("z".repeat(64).as_bytes()),
+            Err(KeyError::NotHex { line: 1 })
         ));
-        assert!(!format!("{k:?}").contains(&k.to_file_contents()[..10]));
+        assert_eq!(
+            Keyring::from_file_contents(b"\n# nothing\n").unwrap_err(),
+            KeyError::Empty
+        );
+        let dup = format!("{}{}", key(1).to_file_line(), key(1).to_file_line());
+        assert!(matches!(
+            Keyring::from_file_contents(dup.as_bytes()),
+            Err(KeyError::Duplicate(_))
+        ));
+        assert!(!format!("{k:?}").contains(&k.to_file_line()[..10]));
     }
 }

@@ -959,7 +959,10 @@ mod tests {
                     store.clone(),
                     StorePath::from("pfx"),
                     "memory:///pfx",
-                    Some(Key::from_bytes([3; 32])),
+                    Some(
+                        crate::envelope::Keyring::new(Key::from_bytes([3; 32]), Vec::new())
+                            .unwrap(),
+                    ),
                     SealOptions::default(),
                 )
             };
@@ -1018,7 +1021,7 @@ mod tests {
                 self.store.inner().clone(),
                 StorePath::from("pfx"),
                 "memory:///pfx",
-                Some(Key::from_bytes([3; 32])),
+                Some(crate::envelope::Keyring::new(Key::from_bytes([3; 32]), Vec::new()).unwrap()),
                 SealOptions::default(),
             );
             a.fetch(&ArchiveName::parse(name).unwrap()).await.unwrap()

@@ -337,16 +337,17 @@ fn damaged_swapped_and_mis_keyed_objects_are_never_served() {
         assert_code(&t2.fetch(name, &dest), 4, "fetch of a swapped object");
         assert!(!dest.exists());
     }
-    // Wrong key and no key: named as such, not as damage.
+    // Wrong key and no key: named as such, not as damage. A key file without the archive's
+    // key is a settings error before any object is read (never "absent").
     let other_key = keygen(&scratch.path().join("other"));
     let wrong = Target::local(&archive, Some(other_key));
     let out = wrong.fetch(&wal.segments[6], &out_dir.join("w"));
-    assert_code(&out, 1, "fetch of a segment not archived yet");
+    assert_code(&out, 2, "fetch of a segment not archived yet, with the wrong key");
     assert_code(&t.push(&wal.path(&wal.segments[6])), 0, "push");
     let out = wrong.fetch(&wal.segments[6], &out_dir.join("w"));
-    assert_code(&out, 4, "fetch with the wrong key");
+    assert_code(&out, 2, "fetch with the wrong key");
     assert!(
-        stderr_str(&out).contains("wrong key"),
+        stderr_str(&out).contains("does not hold"),
         "{}",
         stderr_str(&out)
     );
@@ -359,9 +360,9 @@ fn damaged_swapped_and_mis_keyed_objects_are_never_served() {
         stderr_str(&out)
     );
     // Pushing with another key, or none, into a keyed archive is refused.
-    for (t, what) in [(&wrong, "another key"), (&none, "no key")] {
+    for (t, what, code) in [(&wrong, "another key", 2), (&none, "no key", 1)] {
         let out = t.push(&wal.path(&wal.segments[7]));
-        assert_code(&out, 1, &format!("push with {what}"));
+        assert_code(&out, code, &format!("push with {what}"));
         assert!(stderr_str(&out).contains("key id"), "{}", stderr_str(&out));
     }
 }
@@ -409,6 +410,7 @@ fn bad_input_gets_one_clear_line_and_loses_nothing() {
     expect(run(&mut c), 2, "/nonexistent/key", "missing key file");
     let short = scratch.path().join("short.key");
     std::fs::write(&short, b"0123456789abcdef\n").unwrap();
+    sh_ok(Command::new("chmod").arg("600").arg(&short));
     let mut c = t.walfs(&["--key-file", short.to_str().unwrap(), "ls"]);
     expect(run(&mut c), 2, "64 hex digits", "short key file");
     // keygen never overwrites.
@@ -789,4 +791,267 @@ fn fetch_never_says_absent_to_a_recovery_for_anything_but_absence() {
         assert_code(&out, want, &format!("store down, from {}", dir.display()));
         assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     }
+}
+
+#[test]
+fn tampering_with_a_keyed_archive_never_yields_data() {
+    // The README's tamper table, case by case: every one fetches as damaged (exit 4) or as a
+    // settings error (exit 2), never as data, and `verify --deep` names the object.
+    let scratch = scratch_dir("cli-tamper2");
+    let archive = scratch.path().join("archive");
+    let key = keygen(&scratch.path().join("k1"));
+    let other_key = keygen(&scratch.path().join("k2"));
+    let t = Target::local(&archive, Some(key.clone()));
+    let sysid = 7_400_000_000_000_000_077;
+    let size = 2 << 20; // two chunks of 1 MiB per segment
+    let names: Vec<String> = (1..=4)
+        .map(|i| format!("00000001000000000000000{i}"))
+        .collect();
+    let mut plain = Vec::new();
+    for n in &names {
+        let seg = synthetic_segment(n, size, sysid);
+        let p = scratch.path().join(n);
+        std::fs::write(&p, &seg).unwrap();
+        assert_code(&t.push(&p), 0, "push");
+        plain.push(seg);
+    }
+    let obj = |n: &str| archive.join("wal").join(n);
+    let read = |n: &str| std::fs::read(obj(n)).unwrap();
+    let write = |n: &str, b: &[u8]| std::fs::write(obj(n), b).unwrap();
+    let originals: Vec<Vec<u8>> = names.iter().map(|n| read(n)).collect();
+    let restore_all = || {
+        for (n, b) in names.iter().zip(&originals) {
+            write(n, b);
+        }
+    };
+    let dest = scratch.path().join("out");
+    let fetch = |t: &Target, n: &str| {
+        let _ = std::fs::remove_file(&dest);
+        let out = t.fetch(n, &dest);
+        assert!(
+            out.status.code() == Some(0) || !dest.exists(),
+            "bytes left at %p"
+        );
+        out
+    };
+    // Another archive, of another cluster, sealed with the same key; and one with no key.
+    let twin = scratch.path().join("twin");
+    let tt = Target::local(&twin, Some(key.clone()));
+    let foreign = synthetic_segment(&names[1], size, sysid + 1);
+    let fp = scratch.path().join("foreign").join(&names[1]);
+    std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
+    std::fs::write(&fp, &foreign).unwrap();
+    assert_code(&tt.push(&fp), 0, "push to the twin");
+    let unkeyed = scratch.path().join("unkeyed");
+    let mut forged = plain[1].clone();
+    forged[size / 2] ^= 0xFF;
+    std::fs::write(&fp, &forged).unwrap();
+    assert_code(&Target::local(&unkeyed, None).push(&fp), 0, "push unkeyed");
+    let other = scratch.path().join("other");
+    assert_code(
+        &Target::local(&other, Some(other_key)).push(&fp),
+        0,
+        "push other key",
+    );
+
+    let n1 = names[1].as_str();
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, i32);
+    let header_len = 64;
+    let cases: Vec<Case> = vec![
+        (
+            "flip a byte in the header",
+            Box::new(|| {
+                let mut b = read(n1);
+                b[20] ^= 1;
+                write(n1, &b)
+            }),
+            4,
+        ),
+        (
+            "flip a byte in a chunk",
+            Box::new(|| {
+                let mut b = read(n1);
+                let i = b.len() / 2;
+                b[i] ^= 1;
+                write(n1, &b)
+            }),
+            4,
+        ),
+        (
+            "flip a byte of a tag",
+            Box::new(|| {
+                let mut b = read(n1);
+                let i = b.len() - 1;
+                b[i] ^= 1;
+                write(n1, &b)
+            }),
+            4,
+        ),
+        (
+            "truncate",
+            Box::new(|| {
+                let b = read(n1);
+                write(n1, &b[..b.len() - 100])
+            }),
+            4,
+        ),
+        (
+            "extend",
+            Box::new(|| {
+                let mut b = read(n1);
+                b.extend_from_slice(&[0; 64]);
+                write(n1, &b)
+            }),
+            4,
+        ),
+        (
+            "reorder chunks",
+            Box::new(|| {
+                let b = read(n1);
+                let len0 =
+                    u32::from_le_bytes(b[header_len..header_len + 4].try_into().unwrap()) as usize;
+                let (first, second) = b[header_len..].split_at(4 + len0);
+                let mut r = b[..header_len].to_vec();
+                r.extend_from_slice(second);
+                r.extend_from_slice(first);
+                write(n1, &r)
+            }),
+            4,
+        ),
+        (
+            "swap two objects",
+            Box::new(|| {
+                let (a, b) = (read(n1), read(&names[2]));
+                write(n1, &b);
+                write(&names[2], &a)
+            }),
+            4,
+        ),
+        (
+            "rename (copy another object over this name)",
+            Box::new(|| write(n1, &read(&names[3]))),
+            4,
+        ),
+        (
+            "downgrade to no key",
+            Box::new(|| write(n1, &std::fs::read(unkeyed.join("wal").join(n1)).unwrap())),
+            4,
+        ),
+        (
+            "an object under another key",
+            Box::new(|| write(n1, &std::fs::read(other.join("wal").join(n1)).unwrap())),
+            4,
+        ),
+        (
+            "replay: another cluster's object of that name, same key",
+            Box::new(|| write(n1, &std::fs::read(twin.join("wal").join(n1)).unwrap())),
+            4,
+        ),
+    ];
+    let mut table = Vec::new();
+    for (what, tamper, want) in cases {
+        restore_all();
+        tamper();
+        let out = fetch(&t, n1);
+        assert_code(&out, want, what);
+        let verify = run(&mut t.walfs(&["verify", "--deep"]));
+        assert!(
+            stdout_str(&verify).contains(&format!("DAMAGED {n1}"))
+                && verify.status.code() == Some(4),
+            "{what}: verify --deep did not report it:\n{}",
+            stdout_str(&verify)
+        );
+        table.push(format!(
+            "| {what} | exit {want}: {} |",
+            stderr_str(&out).trim().replace('|', "/")
+        ));
+    }
+    restore_all();
+    // A forged walfs.json: another segment size with the old MAC; one claiming no key.
+    let id_path = archive.join("walfs.json");
+    let id = std::fs::read_to_string(&id_path).unwrap();
+    for (what, forged, want) in [
+        (
+            "forge walfs.json (segment size)",
+            id.replace(&size.to_string(), &(size * 2).to_string()),
+            4,
+        ),
+        (
+            "swap walfs.json for one without a key",
+            id.replace("\"key_id\"", "\"key_idx\""),
+            2,
+        ),
+    ] {
+        std::fs::write(&id_path, &forged).unwrap();
+        let out = fetch(&t, n1);
+        assert_code(&out, want, what);
+        table.push(format!(
+            "| {what} | exit {want}: {} |",
+            stderr_str(&out).trim().replace('|', "/")
+        ));
+    }
+    std::fs::write(&id_path, &id).unwrap();
+    let out = fetch(&t, n1);
+    assert_code(&out, 0, "untouched");
+    assert!(std::fs::read(&dest).unwrap() == plain[1]);
+    println!("{}", table.join("\n"));
+}
+
+#[test]
+fn keys_rotate_and_a_key_file_others_can_read_is_refused() {
+    let wal = real_wal(1, 8);
+    let scratch = scratch_dir("cli-keys");
+    let archive = scratch.path().join("archive");
+    let k1 = keygen(&scratch.path().join("k1"));
+    let t1 = Target::local(&archive, Some(k1.clone()));
+    let (s0, s1, s2) = (&wal.segments[0], &wal.segments[1], &wal.segments[2]);
+    assert_code(&t1.push(&wal.path(s0)), 0, "push under k1");
+    // A key file others may read: refused, naming the fix.
+    sh_ok(Command::new("chmod").arg("644").arg(&k1));
+    let out = t1.push(&wal.path(s1));
+    assert_code(&out, 2, "push with a world-readable key");
+    assert!(
+        stderr_str(&out).contains("chmod 600"),
+        "{}",
+        stderr_str(&out)
+    );
+    sh_ok(Command::new("chmod").arg("600").arg(&k1));
+    // The new key first, the old one after it: pushes go on, then the archive moves to it.
+    let k2 = keygen(&scratch.path().join("k2"));
+    let ring = scratch.path().join("ring");
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(&k2).unwrap(),
+        std::fs::read_to_string(&k1).unwrap()
+    );
+    std::fs::write(&ring, text).unwrap();
+    sh_ok(Command::new("chmod").arg("600").arg(&ring));
+    let both = Target::local(&archive, Some(ring.clone()));
+    assert_code(&both.push(&wal.path(s1)), 0, "push under k2, archive on k1");
+    assert_code(&run(&mut both.walfs(&["key", "rotate"])), 0, "key rotate");
+    assert_code(&run(&mut both.walfs(&["key", "rotate"])), 2, "rotate again");
+    assert_code(&both.push(&wal.path(s2)), 0, "push after the rotation");
+    // Hosts on the old key alone are refused now; the new key alone cannot read old objects.
+    assert_code(
+        &t1.push(&wal.path(&wal.segments[3])),
+        2,
+        "push with the old key only",
+    );
+    let dest = scratch.path().join("out");
+    assert_code(&t1.fetch(s2, &dest), 2, "fetch with the old key only");
+    let t2 = Target::local(&archive, Some(k2));
+    assert_code(
+        &t2.fetch(s0, &dest),
+        4,
+        "an object under a key the file lacks",
+    );
+    assert_code(&t2.fetch(s2, &dest), 0, "fetch under the new key");
+    // verify --deep counts objects per key, to know when the old one can go.
+    let out = run(&mut both.walfs(&["verify", "--deep", "--json"]));
+    assert_code(&out, 0, "verify");
+    let report: serde_json::Value = serde_json::from_str(&stdout_str(&out)).unwrap();
+    let keys = report["keys"].as_object().expect("keys").clone();
+    assert_eq!(keys.len(), 2, "{report}");
+    assert_eq!(keys.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 3);
+    assert_eq!(report["formats"]["2"], 3);
 }

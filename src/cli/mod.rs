@@ -3,7 +3,7 @@
 
 use crate::caller::{Proc, Processes, Role};
 use crate::config::{self, Overrides, Settings};
-use crate::envelope::{Key, SealOptions};
+use crate::envelope::{Key, Keyring, SealOptions};
 use crate::restore::{Policy, Trouble};
 use crate::store::{Archive, Error as StoreError, PushOutcome, StoreConfig};
 use crate::wal::{ArchiveName, FileKind};
@@ -102,6 +102,9 @@ enum LogFormat {
 enum Command {
     /// Write a new random 256-bit key to PATH (mode 0600); never overwrites
     Keygen { path: PathBuf },
+    /// Keys of an encrypted archive
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Archive one file (archive_command = 'walfs push %p'); exit 0 only once it is durable
     Push {
         /// The file to archive; its name must be a PostgreSQL WAL archive name
@@ -189,6 +192,14 @@ enum Command {
     /// Write man pages (DIR/man) and shell completions (DIR/completions), for packages
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Make the key file's first key the archive's current key. Before, put the new key first
+    /// in the key file of every host that reads or writes the archive, the old keys after it
+    /// (objects sealed with them stay readable while the file holds them)
+    Rotate,
 }
 
 #[derive(Args, Debug)]
@@ -283,15 +294,11 @@ impl Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
-        let code = match &e {
-            StoreError::Config(_)
-            | StoreError::NoArchive(_)
-            | StoreError::MissingContainer { .. } => exit::USAGE,
-            StoreError::Refused { .. } | StoreError::Conflict { .. } => exit::ABSENT_OR_REFUSED,
-            StoreError::Unreadable { .. } => exit::DAMAGED,
-            StoreError::Backend { .. }
-            | StoreError::Output { .. }
-            | StoreError::IdentityVanished(_) => exit::UNAVAILABLE,
+        let code = match e.class() {
+            crate::store::Class::Misconfigured => exit::USAGE,
+            crate::store::Class::Refused => exit::ABSENT_OR_REFUSED,
+            crate::store::Class::Damaged => exit::DAMAGED,
+            crate::store::Class::Unavailable => exit::UNAVAILABLE,
         };
         Failure::new(code, e.to_string())
     }
@@ -387,6 +394,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Settings::resolve(&overrides).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     match cli.command {
         Command::Keygen { .. } | Command::GenerateAssets { .. } => Ok(()),
+        Command::Key(KeyCommand::Rotate) => {
+            let archive = open_archive(&settings, false)?;
+            let (old, new) = archive.rotate_key().await?;
+            println!(
+                "archive key is now {new} (was {old}); objects sealed with {old} need a key file \
+                 that still holds it: `walfs verify --deep` counts objects by key"
+            );
+            Ok(())
+        }
         Command::Push { path, name } => push(&settings, &path, name.as_deref()).await,
         Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
         Command::Ls { json } => ls(&settings, json).await,
@@ -421,28 +437,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn load_key(settings: &Settings) -> Result<Option<Key>, Failure> {
+/// Reads the key file: refused when anyone but its owner (and, for a root-owned file, its
+/// group) may read it, as libpq refuses a private key others can read.
+fn load_keys(settings: &Settings) -> Result<Option<Keyring>, Failure> {
+    use std::os::unix::fs::MetadataExt;
     let Some(path) = &settings.key_file else {
         return Ok(None);
     };
-    let bytes = std::fs::read(path)
-        .map_err(|e| Failure::new(exit::USAGE, format!("key file {}: {e}", path.display())))?;
-    let key = Key::from_file_contents(&bytes)
-        .map_err(|e| Failure::new(exit::USAGE, format!("key file {}: {e}", path.display())))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(path) {
-            if m.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), "key file is readable by group or others; chmod 600 it");
-            }
-        }
+    let fail =
+        |why: String| Failure::new(exit::USAGE, format!("key file {}: {why}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    let mode = meta.mode() & 0o777;
+    let group_ok = meta.uid() == 0 && mode & 0o030 == 0;
+    if mode & 0o007 != 0 || (mode & 0o070 != 0 && !group_ok) {
+        return Err(fail(format!(
+            "mode {mode:04o} lets others read the archive's key; chmod 600 it (or 640 with \
+             owner root, to share it with one group)"
+        )));
     }
-    Ok(Some(key))
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    Keyring::from_file_contents(&bytes)
+        .map(Some)
+        .map_err(|e| fail(e.to_string()))
 }
 
 pub(crate) fn open_archive(settings: &Settings, create: bool) -> Result<Archive, Failure> {
-    let key = load_key(settings)?;
+    let key = load_keys(settings)?;
     let cfg = StoreConfig {
         url: settings.archive.clone(),
         retry_timeout: settings.retry_timeout,
@@ -481,11 +502,15 @@ fn keygen(path: &Path) -> Result<(), Failure> {
                 fail(e)
             }
         })?;
-    f.write_all(key.to_file_contents().as_bytes())
-        .map_err(fail)?;
+    f.write_all(key.to_file_line().as_bytes()).map_err(fail)?;
     f.sync_all().map_err(fail)?;
     sync_parent(path).map_err(fail)?;
     println!("key id {}", key.id());
+    eprintln!(
+        "Keep a copy of {} somewhere else (a password manager, a safe, another host): without \
+         it nothing sealed with it can ever be read again.",
+        path.display()
+    );
     Ok(())
 }
 

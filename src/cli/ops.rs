@@ -80,6 +80,12 @@ pub(super) async fn verify(
         }
         if deep {
             println!("{} objects opened", report.checked);
+            for (k, n) in &report.keys {
+                println!("  key {k}: {n} objects");
+            }
+            for (v, n) in &report.formats {
+                println!("  format {v}: {n} objects");
+            }
             for d in &report.damaged {
                 println!("  DAMAGED {d}");
             }

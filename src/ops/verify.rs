@@ -27,6 +27,11 @@ pub struct VerifyReport {
     pub damaged: Vec<String>,
     pub objects: u64,
     pub checked: u64,
+    /// With `deep`: objects by the key they are sealed with ("none": not encrypted), so an old
+    /// key can be retired once nothing uses it.
+    pub keys: BTreeMap<String, u64>,
+    /// With `deep`: objects by format version.
+    pub formats: BTreeMap<u8, u64>,
 }
 
 impl VerifyReport {
@@ -141,7 +146,7 @@ pub async fn verify(
         let total = names.len() as u64;
         let mut results = futures::stream::iter(names)
             .map(|n| async move {
-                let r = archive.fetch(&n).await.map(|_| ());
+                let r = archive.check_object(&n).await;
                 (n, r)
             })
             .buffer_unordered(concurrency.max(1));
@@ -149,7 +154,12 @@ pub async fn verify(
             report.checked += 1;
             progress(report.checked, total);
             match r {
-                Ok(()) => {}
+                Ok(Some(info)) => {
+                    let key = info.key_id.unwrap_or_else(|| "none".into());
+                    *report.keys.entry(key).or_default() += 1;
+                    *report.formats.entry(info.format).or_default() += 1;
+                }
+                Ok(None) => {}
                 Err(Error::Unreadable { .. }) => report.damaged.push(n.to_string()),
                 Err(e) => return Err(e),
             }

@@ -8,7 +8,7 @@
 //! wal/<name>          one envelope per archived file, under its PostgreSQL name
 //! ```
 
-use crate::envelope::{self, Header, Key, OpenError, SealOptions, HEADER_LEN};
+use crate::envelope::{self, Header, Key, Keyring, OpenError, SealOptions, HEADER_LEN};
 use crate::telemetry;
 use crate::wal::{self, ArchiveName, FileKind, SegmentSize};
 use bytes::Bytes;
@@ -41,17 +41,57 @@ pub struct Identity {
     /// As a string: JSON numbers lose precision past 2^53.
     pub system_identifier: String,
     pub wal_segment_size: u64,
-    /// The id of the key objects are sealed with (None: not encrypted). Pushes with another
-    /// key, or none, are refused, so a misconfigured host cannot mix keys or leak plaintext.
+    /// The archive's current key (None: not encrypted). Only hosts whose key file holds it
+    /// may push, so a misconfigured host cannot mix in foreign keys or leak plaintext; `walfs
+    /// key rotate` moves it to a new key.
     #[serde(default)]
     pub key_id: Option<String>,
     pub created_by: String,
+    /// In an archive with a key: HMAC-SHA256 of the fields above, under a key derived from the
+    /// current key, so walfs.json cannot be forged or swapped. (walfs before format 2 wrote
+    /// none; the next push adds it.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Identity {
     pub fn segment_size(&self) -> Result<SegmentSize, Error> {
         SegmentSize::new(self.wal_segment_size)
             .map_err(|e| Error::Config(format!("archive identity ({IDENTITY_OBJECT}): {e}")))
+    }
+
+    fn mac_for(&self, key: &Key) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(
+            &key.derive(None, b"walfs identity mac"),
+        )
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        for field in [
+            self.format.to_string().as_str(),
+            &self.system_identifier,
+            &self.wal_segment_size.to_string(),
+            self.key_id.as_deref().unwrap_or(""),
+        ] {
+            m.update(&(field.len() as u64).to_le_bytes());
+            m.update(field.as_bytes());
+        }
+        m
+    }
+
+    /// Authenticates these fields under `key`.
+    fn sign(mut self, key: &Key) -> Identity {
+        use hmac::Mac;
+        self.mac = Some(hex::encode(self.mac_for(key).finalize().into_bytes()));
+        self
+    }
+
+    /// Whether the MAC is there and right for `key` (compared in constant time).
+    fn verifies(&self, key: &Key) -> bool {
+        use hmac::Mac;
+        let Some(mac) = self.mac.as_deref().and_then(|m| hex::decode(m).ok()) else {
+            return false;
+        };
+        self.mac_for(key).verify_slice(&mac).is_ok()
     }
 }
 
@@ -102,6 +142,12 @@ pub enum Error {
          is answering wrongly; nothing is taken for absent until it is back"
     )]
     IdentityVanished(String),
+    /// walfs.json fails authentication under the key: forged, swapped or damaged.
+    #[error(
+        "{IDENTITY_OBJECT} of {0} fails authentication under the configured key: it was not \
+         written with this archive's key (forged, swapped or damaged); nothing is served from it"
+    )]
+    ForgedIdentity(String),
 }
 
 /// What a failure means to someone restoring WAL. None of these is "absent".
@@ -124,7 +170,7 @@ impl Error {
             Error::Backend { .. } | Error::Output { .. } | Error::IdentityVanished(_) => {
                 Class::Unavailable
             }
-            Error::Unreadable { .. } => Class::Damaged,
+            Error::Unreadable { .. } | Error::ForgedIdentity(_) => Class::Damaged,
             Error::Config(_) | Error::MissingContainer { .. } | Error::NoArchive(_) => {
                 Class::Misconfigured
             }
@@ -138,7 +184,7 @@ impl Error {
             Error::Config(_) | Error::MissingContainer { .. } | Error::NoArchive(_) => "config",
             Error::Refused { .. } => "refused",
             Error::Conflict { .. } => "conflict",
-            Error::Unreadable { .. } => "damaged",
+            Error::Unreadable { .. } | Error::ForgedIdentity(_) => "damaged",
             Error::Backend { .. } | Error::IdentityVanished(_) => "backend",
             Error::Output { .. } => "local",
         }
@@ -259,6 +305,15 @@ impl Plain {
     }
 }
 
+/// What an object is sealed as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object format version.
+    pub format: u8,
+    /// The key it is sealed with (None: not encrypted).
+    pub key_id: Option<String>,
+}
+
 /// One archived file as listed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -274,20 +329,26 @@ pub struct Archive {
     /// The same store, with clients that give large transfers longer.
     backend: backend::Backend,
     url: String,
-    key: Option<Key>,
+    keys: Option<Keyring>,
     seal: SealOptions,
     identity: OnceCell<Identity>,
     /// Bytes received from the store so far: readers waiting on it tell a slow store from
     /// a dead one by whether this moves.
     received: std::sync::atomic::AtomicU64,
+    /// This process authenticated an identity an older walfs wrote without a MAC.
+    authenticated: std::sync::atomic::AtomicBool,
     /// Where sealed objects wait for their upload (None: the system's temp directory).
     scratch: Option<std::path::PathBuf>,
 }
 
 impl Archive {
     /// Connects to the archive at `cfg.url`. Nothing is sent to the backend yet.
-    pub fn open(cfg: &StoreConfig, key: Option<Key>, seal: SealOptions) -> Result<Archive, Error> {
-        Ok(Archive::on(backend::build(cfg)?, &cfg.url, key, seal))
+    pub fn open(
+        cfg: &StoreConfig,
+        keys: Option<Keyring>,
+        seal: SealOptions,
+    ) -> Result<Archive, Error> {
+        Ok(Archive::on(backend::build(cfg)?, &cfg.url, keys, seal))
     }
 
     /// An archive on an already-built store (tests use `InMemory`).
@@ -295,22 +356,28 @@ impl Archive {
         store: Arc<dyn ObjectStore>,
         prefix: Path,
         url: &str,
-        key: Option<Key>,
+        keys: Option<Keyring>,
         seal: SealOptions,
     ) -> Archive {
-        Archive::on(backend::Backend::fixed(store, prefix), url, key, seal)
+        Archive::on(backend::Backend::fixed(store, prefix), url, keys, seal)
     }
 
-    fn on(backend: backend::Backend, url: &str, key: Option<Key>, seal: SealOptions) -> Archive {
+    fn on(
+        backend: backend::Backend,
+        url: &str,
+        keys: Option<Keyring>,
+        seal: SealOptions,
+    ) -> Archive {
         Archive {
             store: backend.store.clone(),
             prefix: backend.prefix.clone(),
             backend,
             url: url.to_string(),
-            key,
+            keys,
             seal,
             identity: OnceCell::new(),
             received: std::sync::atomic::AtomicU64::new(0),
+            authenticated: std::sync::atomic::AtomicBool::new(false),
             scratch: None,
         }
     }
@@ -326,7 +393,7 @@ impl Archive {
     }
 
     fn key_id(&self) -> Option<String> {
-        self.key.as_ref().map(|k| k.id().to_string())
+        self.keys.as_ref().map(|k| k.current().id().to_string())
     }
 
     fn object_path(&self, name: &ArchiveName) -> Path {
@@ -352,12 +419,108 @@ impl Archive {
                 let id: Identity = serde_json::from_slice(&bytes)
                     .map_err(|e| Error::Config(format!("{path} is not a walfs identity: {e}")))?;
                 id.segment_size()?;
+                self.check_identity(&id)?;
                 let _ = self.identity.set(id.clone());
                 Ok(Some(id))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::backend(format!("reading {path}"), e)),
         }
+    }
+
+    /// Checks a read identity against the key file: an archive with a key must name a key the
+    /// file holds, and its MAC must verify (one written before there was a MAC is accepted,
+    /// with a warning, and authenticated by the next push).
+    fn check_identity(&self, id: &Identity) -> Result<(), Error> {
+        let Some(ring) = &self.keys else {
+            return Ok(());
+        };
+        let Some(key_id) = &id.key_id else {
+            return Err(Error::Config(format!(
+                "the archive at {} is not encrypted ({IDENTITY_OBJECT} names no key), but a key \
+                 file is configured: drop --key-file, or use another archive",
+                self.url
+            )));
+        };
+        let Some(key) = ring.keys().iter().find(|k| &k.id().to_string() == key_id) else {
+            let held: Vec<String> = ring.keys().iter().map(|k| k.id().to_string()).collect();
+            return Err(Error::Config(format!(
+                "the archive at {} is sealed with key id {key_id}, which the key file does not \
+                 hold (it holds {}): check --key-file",
+                self.url,
+                held.join(", ")
+            )));
+        };
+        match &id.mac {
+            Some(_) if id.verifies(key) => Ok(()),
+            Some(_) => Err(Error::ForgedIdentity(self.url.clone())),
+            None => {
+                tracing::warn!(archive = %self.url,
+                    "{IDENTITY_OBJECT} is not authenticated (written by an older walfs); the next \
+                     push authenticates it");
+                Ok(())
+            }
+        }
+    }
+
+    /// Authenticates an identity written before there were MACs, once the archive's own key
+    /// reads it (a writer's job: `push` calls it).
+    async fn authenticate_identity(&self, id: &Identity) -> Result<(), Error> {
+        let Some(ring) = &self.keys else {
+            return Ok(());
+        };
+        let ours = id.key_id.as_deref() == Some(&ring.current().id().to_string());
+        if id.mac.is_some()
+            || !ours
+            || self
+                .authenticated
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        let signed = id.clone().sign(ring.current());
+        let body = serde_json::to_vec_pretty(&signed).map_err(|e| Error::Config(e.to_string()))?;
+        let path = self.identity_path();
+        self.store
+            .put_opts(&path, PutPayload::from(body), PutMode::Overwrite.into())
+            .await
+            .map_err(|e| self.write_error(format!("writing {path}"), e))?;
+        tracing::info!(archive = %self.url, "{IDENTITY_OBJECT} authenticated under the archive key");
+        self.authenticated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves the archive to the key file's current key: walfs.json names it and is
+    /// authenticated under it. Objects sealed with the old key stay readable with a key file
+    /// that holds it. Returns (old key id, new key id).
+    pub async fn rotate_key(&self) -> Result<(String, String), Error> {
+        let Some(ring) = &self.keys else {
+            return Err(Error::Config("key rotation needs --key-file".into()));
+        };
+        let id = self.require_identity().await?;
+        let old = id.key_id.clone().unwrap_or_default();
+        let new = ring.current().id().to_string();
+        if old == new {
+            return Err(Error::Config(format!(
+                "the archive already uses key {new}, the key file's first (current) key: put the \
+                 new key first in the key file, the old ones after it"
+            )));
+        }
+        let rotated = Identity {
+            key_id: Some(new.clone()),
+            created_by: format!("walfs {}", env!("CARGO_PKG_VERSION")),
+            mac: None,
+            ..id
+        }
+        .sign(ring.current());
+        let body = serde_json::to_vec_pretty(&rotated).map_err(|e| Error::Config(e.to_string()))?;
+        let path = self.identity_path();
+        self.store
+            .put_opts(&path, PutPayload::from(body), PutMode::Overwrite.into())
+            .await
+            .map_err(|e| self.write_error(format!("writing {path}"), e))?;
+        Ok((old, new))
     }
 
     /// The identity if it was read already (no request).
@@ -382,6 +545,10 @@ impl Archive {
         if let Some(existing) = self.identity().await? {
             return Ok(existing);
         }
+        let id = match &self.keys {
+            Some(ring) => id.sign(ring.current()),
+            None => id,
+        };
         let path = self.identity_path();
         let body = serde_json::to_vec_pretty(&id).map_err(|e| Error::Config(e.to_string()))?;
         match self
@@ -443,6 +610,7 @@ impl Archive {
             wal_segment_size: size.bytes(),
             key_id: self.key_id(),
             created_by: format!("walfs {}", env!("CARGO_PKG_VERSION")),
+            mac: None,
         };
         let holds = self.establish_identity(offered.clone()).await?;
         if holds.system_identifier != offered.system_identifier {
@@ -539,8 +707,15 @@ impl Archive {
         r
     }
 
+    /// A push must seal under the archive's key regime: no key when it has none; with a key,
+    /// a key file that holds the archive's current key (the file's own current key seals).
     fn check_key(&self, name: &ArchiveName, id: &Identity) -> Result<(), Error> {
-        if id.key_id == self.key_id() {
+        let holds = match (&self.keys, &id.key_id) {
+            (None, None) => true,
+            (Some(ring), Some(k)) => ring.keys().iter().any(|key| &key.id().to_string() == k),
+            _ => false,
+        };
+        if holds {
             return Ok(());
         }
         let show = |k: &Option<String>| k.clone().unwrap_or_else(|| "none".into());
@@ -559,6 +734,7 @@ impl Archive {
         self.validate(name, &plain).await?;
         if let Some(id) = self.identity().await? {
             self.check_key(name, &id)?;
+            self.authenticate_identity(&id).await?;
         }
         let path = self.object_path(name);
         // Fast path for PostgreSQL's re-archive after a crash: no upload when it is there.
@@ -586,7 +762,7 @@ impl Archive {
     /// Seals `plain` into an unlinked scratch file and maps it: the upload reads the sealed
     /// object from the page cache, so memory stays flat whatever the file's size.
     async fn seal(&self, name: &ArchiveName, plain: &Plain) -> Result<(PutPayload, u64), Error> {
-        let key = self.key.clone();
+        let keys = self.keys.clone();
         let opts = self.seal;
         let n = name.as_str().to_string();
         let plain = plain.clone();
@@ -601,7 +777,8 @@ impl Archive {
                 None => tempfile::tempfile()?,
             };
             let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
-            let len = envelope::seal_to(&n, plain.source(), key.as_ref(), opts, &mut out)?;
+            let key = keys.as_ref().map(Keyring::current);
+            let len = envelope::seal_to(&n, plain.source(), key, opts, &mut out)?;
             std::io::Write::flush(&mut out)?;
             drop(out);
             // SAFETY: the file is private (unlinked, never shared) and nothing writes it
@@ -629,14 +806,14 @@ impl Archive {
                 why: "the archived copy vanished while being compared; try again".into(),
             });
         };
-        let key = self.key.clone();
+        let keys = self.keys.clone();
         let n = name.as_str().to_string();
         let plain = plain.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let src = plain.source();
+            let local = |e: std::io::Error| OpenError::Output(e.to_string());
             let differs = std::sync::atomic::AtomicBool::new(false);
-            let header = Header::parse(&bytes)?;
-            let len = envelope::open_into(&n, &bytes, key.as_ref(), &|at, data| {
+            let len = envelope::open_into(&n, &bytes, keys.as_ref(), &|at, data| {
                 let mut mine = vec![0u8; data.len()];
                 let same = at + data.len() as u64 <= src.len()
                     && src.read_exact_at(&mut mine, at).is_ok()
@@ -646,20 +823,24 @@ impl Archive {
                 }
                 Ok(())
             })?;
-            let same = len == src.len() && !differs.into_inner();
-            let offered = if same {
-                header.digest
-            } else {
-                src.digest().map_err(|e| OpenError::Output(e.to_string()))?
-            };
-            Ok::<_, OpenError>((same, header.digest, offered))
+            if len == src.len() && !differs.into_inner() {
+                return Ok(None);
+            }
+            // They differ: name both by their SHA-256, computed here (the bucket holds no
+            // digest of any plaintext).
+            let copy = tempfile::tempfile().map_err(local)?;
+            envelope::open_into(&n, &bytes, keys.as_ref(), &|at, data| {
+                std::os::unix::fs::FileExt::write_all_at(&copy, data, at)
+            })?;
+            let stored = envelope::Source::File(&copy, len).digest().map_err(local)?;
+            Ok::<_, OpenError>(Some((stored, src.digest().map_err(local)?)))
         })
         .await
         .map_err(|e| Error::Config(format!("comparing task failed: {e}")))?
         .map_err(|e| Self::unreadable(name, e))?;
         match outcome {
-            (true, _, _) => Ok(PushOutcome::AlreadyArchived),
-            (false, stored, offered) => Err(Error::Conflict {
+            None => Ok(PushOutcome::AlreadyArchived),
+            Some((stored, offered)) => Err(Error::Conflict {
                 name: name.to_string(),
                 stored: hex::encode(stored),
                 offered: hex::encode(offered),
@@ -736,6 +917,84 @@ impl Archive {
         }
     }
 
+    /// An opened segment (or `.partial`) is one of this archive's: exactly its segment size,
+    /// with a page header naming its cluster and segment size. The object authenticated, so a
+    /// mismatch is an object of another cluster sealed with the same key (replayed), or an
+    /// identity that is not this archive's; either way not data.
+    fn check_content(&self, name: &ArchiveName, len: u64, first: &[u8]) -> Result<(), Error> {
+        let (FileKind::Segment | FileKind::Partial, Some(id)) = (name.kind(), self.identity.get())
+        else {
+            return Ok(());
+        };
+        let bad = |why: String| Error::Unreadable {
+            name: name.to_string(),
+            source: OpenError::Corrupt(why),
+        };
+        if id.wal_segment_size != len {
+            return Err(bad(format!(
+                "{len} bytes, but the archive's segment size is {}",
+                id.wal_segment_size
+            )));
+        }
+        let header = wal::parse_long_header(first).map_err(|e| bad(e.to_string()))?;
+        if header.system_identifier.to_string() != id.system_identifier
+            || header.segment_size.bytes() != id.wal_segment_size
+        {
+            return Err(bad(format!(
+                "its page header names cluster {} (segment size {}), this archive holds \
+                 cluster {} (segment size {})",
+                header.system_identifier,
+                header.segment_size.bytes(),
+                id.system_identifier,
+                id.wal_segment_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Downloads `name`, authenticates it whole and hands its plaintext to `sink` (several
+    /// threads, any order), then checks its content against the identity; None when it is
+    /// not archived. The sink's output means nothing unless this returns Ok.
+    async fn open_object(
+        &self,
+        name: &ArchiveName,
+        size: Option<u64>,
+        sink: Box<envelope::OwnedSink>,
+    ) -> Result<Option<(Header, u64)>, Error> {
+        let wal = matches!(name.kind(), FileKind::Segment | FileKind::Partial);
+        let (bytes, identity) = tokio::join!(self.get_object(name, size), async {
+            if wal {
+                self.identity().await.map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        let Some(bytes) = bytes? else {
+            return Ok(None);
+        };
+        identity?;
+        let keys = self.keys.clone();
+        let n = name.as_str().to_string();
+        let opened = tokio::task::spawn_blocking(move || {
+            let header = Header::parse(&bytes)?;
+            let first = std::sync::Mutex::new(Vec::new());
+            let len = envelope::open_into(&n, &bytes, keys.as_ref(), &|at, data| {
+                if at == 0 {
+                    let take = data.len().min(wal::LONG_HEADER_LEN);
+                    *first.lock().unwrap_or_else(|p| p.into_inner()) = data[..take].to_vec();
+                }
+                sink(at, data)
+            })?;
+            let first = first.into_inner().unwrap_or_else(|p| p.into_inner());
+            Ok::<_, OpenError>((header, len, first))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
+        let (header, len, first) = opened.map_err(|e| Self::unreadable(name, e))?;
+        self.check_content(name, len, &first)?;
+        Ok(Some((header, len)))
+    }
+
     fn unreadable(name: &ArchiveName, source: OpenError) -> Error {
         match source {
             OpenError::Output(why) => Error::Output {
@@ -763,15 +1022,33 @@ impl Archive {
     }
 
     async fn fetch_inner(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
-        let Some(bytes) = self.get_object(name, None).await? else {
-            return Ok(None);
-        };
-        let key = self.key.clone();
-        let n = name.as_str().to_string();
-        let opened = tokio::task::spawn_blocking(move || envelope::open(&n, &bytes, key.as_ref()))
-            .await
-            .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
-        opened.map(Some).map_err(|e| Self::unreadable(name, e))
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let o = out.clone();
+        let sink = Box::new(move |at: u64, data: &[u8]| {
+            let mut v = o.lock().unwrap_or_else(|p| p.into_inner());
+            let end = at as usize + data.len();
+            if v.len() < end {
+                v.resize(end, 0);
+            }
+            v[at as usize..end].copy_from_slice(data);
+            Ok(())
+        });
+        Ok(self
+            .open_object(name, None, sink)
+            .await?
+            .map(|_| std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))))
+    }
+
+    /// Downloads and authenticates the whole object of `name` (the plaintext is dropped as it
+    /// opens); None when it is not archived. What `verify --deep` checks, and counts by key.
+    pub async fn check_object(&self, name: &ArchiveName) -> Result<Option<ObjectInfo>, Error> {
+        let opened = self
+            .open_object(name, None, Box::new(|_, _| Ok(())))
+            .await?;
+        Ok(opened.map(|(h, _)| ObjectInfo {
+            format: h.version,
+            key_id: (h.cipher == envelope::Cipher::Aes256Gcm).then(|| h.key_id.to_string()),
+        }))
     }
 
     /// Writes the plaintext of `name` into `file` (from offset 0) and returns its length, or
@@ -801,20 +1078,13 @@ impl Archive {
         file: std::fs::File,
         size: Option<u64>,
     ) -> Result<Option<u64>, Error> {
-        let Some(bytes) = self.get_object(name, size).await? else {
-            return Ok(None);
-        };
-        let key = self.key.clone();
-        let n = name.as_str().to_string();
-        let opened = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            envelope::open_into(&n, &bytes, key.as_ref(), &|at, data| {
-                file.write_all_at(data, at)
-            })
-        })
-        .await
-        .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
-        opened.map(Some).map_err(|e| Self::unreadable(name, e))
+        let sink = Box::new(move |at: u64, data: &[u8]| {
+            std::os::unix::fs::FileExt::write_all_at(&file, data, at)
+        });
+        Ok(self
+            .open_object(name, size, sink)
+            .await?
+            .map(|(_, len)| len))
     }
 
     /// The object's header (one small ranged read), or None when authoritatively absent. The
@@ -974,7 +1244,13 @@ mod tests {
             Arc::new(InMemory::new()),
             Path::from("pfx"),
             "memory:///",
-            Some(Key::from_bytes([1; 32])),
+            Some(
+                crate::envelope::Keyring::new(
+                    crate::envelope::Key::from_bytes([1; 32]),
+                    Vec::new(),
+                )
+                .unwrap(),
+            ),
             SealOptions::default(),
         )
     }
@@ -1194,7 +1470,13 @@ mod tests {
             store.clone(),
             Path::from("pfx"),
             "memory:///",
-            Some(Key::from_bytes([1; 32])),
+            Some(
+                crate::envelope::Keyring::new(
+                    crate::envelope::Key::from_bytes([1; 32]),
+                    Vec::new(),
+                )
+                .unwrap(),
+            ),
             SealOptions::default(),
         );
         (store, a)
@@ -1346,5 +1628,191 @@ mod tests {
             a.push_file(&name, g, seg.len() as u64).await.unwrap(),
             PushOutcome::AlreadyArchived
         );
+    }
+
+    fn keyed(store: Arc<dyn ObjectStore>, keys: &[u8]) -> Archive {
+        let ring = Keyring::new(
+            Key::from_bytes([keys[0]; 32]),
+            keys[1..]
+                .iter()
+                .map(|b| Key::from_bytes([*b; 32]))
+                .collect(),
+        )
+        .unwrap();
+        Archive::with_store(
+            store,
+            Path::from("pfx"),
+            "memory:///",
+            Some(ring),
+            SealOptions::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn walfs_json_is_authenticated_under_the_key() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let first = n("000000010000000000000001");
+        keyed(store.clone(), &[1])
+            .push(&first, segment(first.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        let path = Path::from("pfx/walfs.json");
+        let text = store.get(&path).await.unwrap().bytes().await.unwrap();
+        let id: Identity = serde_json::from_slice(&text).unwrap();
+        assert!(id.mac.is_some(), "no MAC in {id:?}");
+        assert!(keyed(store.clone(), &[1])
+            .identity()
+            .await
+            .unwrap()
+            .is_some());
+        // Forged: another segment size, the MAC left as it was.
+        let forged = Identity {
+            wal_segment_size: 2 << 20,
+            ..id.clone()
+        };
+        store
+            .put(
+                &path,
+                PutPayload::from(serde_json::to_vec(&forged).unwrap()),
+            )
+            .await
+            .unwrap();
+        let e = keyed(store.clone(), &[1]).identity().await.unwrap_err();
+        assert!(matches!(e, Error::ForgedIdentity(_)), "{e:?}");
+        assert_eq!(e.class(), Class::Damaged);
+        // Swapped for one claiming no key: a configuration error, never data.
+        let plain = Identity {
+            key_id: None,
+            mac: None,
+            ..id.clone()
+        };
+        store
+            .put(&path, PutPayload::from(serde_json::to_vec(&plain).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(
+            keyed(store.clone(), &[1])
+                .identity()
+                .await
+                .unwrap_err()
+                .class(),
+            Class::Misconfigured
+        );
+        // One an older walfs wrote (no MAC): read, and authenticated by the next push.
+        let legacy = Identity {
+            mac: None,
+            ..id.clone()
+        };
+        store
+            .put(
+                &path,
+                PutPayload::from(serde_json::to_vec(&legacy).unwrap()),
+            )
+            .await
+            .unwrap();
+        let a = keyed(store.clone(), &[1]);
+        assert!(a.identity().await.unwrap().is_some());
+        let second = n("000000010000000000000002");
+        a.push(&second, segment(second.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        let again: Identity =
+            serde_json::from_slice(&store.get(&path).await.unwrap().bytes().await.unwrap())
+                .unwrap();
+        assert!(again.verifies(&Key::from_bytes([1; 32])));
+    }
+
+    #[tokio::test]
+    async fn keys_rotate_and_old_objects_stay_readable() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let (s1, s2, s3) = (
+            n("000000010000000000000001"),
+            n("000000010000000000000002"),
+            n("000000010000000000000003"),
+        );
+        let seg = |x: &ArchiveName| segment(x.as_str(), SYSID, 1 << 20);
+        keyed(store.clone(), &[1])
+            .push(&s1, seg(&s1))
+            .await
+            .unwrap();
+        // The new key goes first in every host's key file, the old one after it.
+        let both = keyed(store.clone(), &[2, 1]);
+        both.push(&s2, seg(&s2)).await.unwrap();
+        assert!(matches!(both.rotate_key().await, Ok((ref o, ref n)) if o != n));
+        // A host still on the old key alone may no longer push, nor read the new objects.
+        let old = keyed(store.clone(), &[1]);
+        assert!(old.identity().await.is_err());
+        let both = keyed(store.clone(), &[2, 1]);
+        both.push(&s3, seg(&s3)).await.unwrap();
+        for x in [&s1, &s2, &s3] {
+            assert_eq!(both.fetch(x).await.unwrap().unwrap(), seg(x), "{x}");
+        }
+        // Without the old key the first object is damage to the new key alone, never data.
+        let new_only = keyed(store.clone(), &[2]);
+        assert_eq!(
+            new_only.fetch(&s1).await.unwrap_err().class(),
+            Class::Damaged
+        );
+        assert_eq!(new_only.fetch(&s3).await.unwrap().unwrap(), seg(&s3));
+        assert!(
+            both.rotate_key().await.is_err(),
+            "rotating to the key in use"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unencrypted_object_in_a_keyed_archive_is_damage() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let s1 = n("000000010000000000000001");
+        let a = keyed(store.clone(), &[1]);
+        a.push(&s1, segment(s1.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        // Whoever can write to the bucket plants an unkeyed object with bytes of their own.
+        let mut bytes = segment(s1.as_str(), SYSID, 1 << 20).to_vec();
+        bytes[5000] ^= 0xFF;
+        let planted = envelope::seal(s1.as_str(), &bytes, None, SealOptions::default());
+        store
+            .put(
+                &Path::from(format!("pfx/wal/{s1}")),
+                PutPayload::from(planted),
+            )
+            .await
+            .unwrap();
+        let e = keyed(store.clone(), &[1]).fetch(&s1).await.unwrap_err();
+        assert_eq!(e.class(), Class::Damaged, "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_object_of_another_cluster_under_the_same_key_is_damage() {
+        // Two clusters share a key (it happens); one's object is copied over the other's.
+        let (a_store, b_store): (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>) =
+            (Arc::new(InMemory::new()), Arc::new(InMemory::new()));
+        let s1 = n("000000010000000000000001");
+        let s2 = n("000000010000000000000002");
+        keyed(a_store.clone(), &[1])
+            .push(&s1, segment(s1.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        keyed(a_store.clone(), &[1])
+            .push(&s2, segment(s2.as_str(), SYSID, 1 << 20))
+            .await
+            .unwrap();
+        keyed(b_store.clone(), &[1])
+            .push(&s2, segment(s2.as_str(), SYSID + 9, 1 << 20))
+            .await
+            .unwrap();
+        let path = Path::from(format!("pfx/wal/{s2}"));
+        let foreign = b_store.get(&path).await.unwrap().bytes().await.unwrap();
+        a_store.put(&path, PutPayload::from(foreign)).await.unwrap();
+        let e = keyed(a_store.clone(), &[1]).fetch(&s2).await.unwrap_err();
+        assert_eq!(e.class(), Class::Damaged, "{e}");
+        assert!(e.to_string().contains("cluster"), "{e}");
+        let f = tempfile::tempfile().unwrap();
+        let e = keyed(a_store.clone(), &[1])
+            .fetch_into(&s2, f, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.class(), Class::Damaged, "{e}");
     }
 }
