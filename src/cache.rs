@@ -207,7 +207,7 @@ fn take_over(legacy: &Path, dir: &Path) -> io::Result<()> {
         let Ok(entries) = std::fs::read_dir(&from) else {
             continue;
         };
-        std::fs::create_dir_all(&to)?;
+        private_dir(&to, WAL_DIR_MODE)?;
         for e in entries {
             let e = e?;
             let target = to.join(e.file_name());
@@ -220,13 +220,30 @@ fn take_over(legacy: &Path, dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `dir` (and its missing parents) with `mode`, and gives `dir` that mode if it existed
+/// with another: the cache and the spool hold decrypted WAL, every row of the database.
+pub fn private_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}
+
+/// Mode of an archive's directory under the cache directory: others may reach the state files
+/// `walfs status` reads by name, not list or read anything else.
+const ARCHIVE_DIR_MODE: u32 = 0o711;
+/// Mode of the directories that hold WAL (plain/, writes/, spool/).
+pub const WAL_DIR_MODE: u32 = 0o700;
+
 fn reset_dir(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(dir)
+    private_dir(dir, WAL_DIR_MODE)
 }
 
 impl Cache {
@@ -236,6 +253,7 @@ impl Cache {
     /// last descriptor frees their blocks.
     pub fn new(archive: Arc<Archive>, opts: &CacheOptions) -> io::Result<Cache> {
         let base = Cache::archive_dir(&opts.dir, archive.url());
+        private_dir(&base, ARCHIVE_DIR_MODE)?;
         let plain_dir = base.join("plain");
         let writes_dir = base.join("writes");
         reset_dir(&plain_dir)?;
@@ -287,11 +305,14 @@ impl Cache {
     /// A new, uniquely named file for `name` in `dir`.
     fn new_file(&self, dir: &Path, name: &ArchiveName) -> io::Result<(std::fs::File, PathBuf)> {
         let path = self.unique(dir, name);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true),
+            0o600,
+        )
+        .open(&path)?;
         Ok((file, path))
     }
 
@@ -910,5 +931,30 @@ mod tests {
             c.open(&name).await.unwrap_err().as_ref(),
             LoadError::Local(_)
         ));
+    }
+
+    #[test]
+    fn decrypted_wal_is_the_service_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // A cache an older version made world-readable is closed at start.
+        let base = Cache::archive_dir(dir.path(), "memory:///");
+        std::fs::create_dir_all(base.join("plain")).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = cache(dir.path(), 1 << 20);
+        assert_eq!(mode(&base), 0o711);
+        assert_eq!(mode(&c.plain_dir), 0o700);
+        assert_eq!(mode(&c.writes_dir), 0o700);
+        let (f, path) = c
+            .new_spool_file(&ArchiveName::parse("00000002.history").unwrap())
+            .unwrap();
+        assert_eq!(mode(&path), 0o600);
+        drop(f);
+        let spool = base.join("spool");
+        crate::receive::Spool::open(&spool).unwrap();
+        for d in [&spool, &spool.join("ready"), &spool.join("current")] {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
     }
 }

@@ -717,6 +717,57 @@ fn password_md5_scram_and_tls_connections() {
     let env = vec![("PGPASSFILE".to_string(), pgpass.display().to_string())];
     let (ok, log) = try_receive(&dir.join("f"), &base("legacy", "sslmode=disable"), &env);
     assert!(ok, "md5 with .pgpass: {log}");
+    // A .pgpass others may read is ignored, as libpq ignores it: no password, and a warning.
+    sh_ok(Command::new("chmod").arg("644").arg(&pgpass));
+    let (ok, log) = try_receive(&dir.join("k"), &base("legacy", "sslmode=disable"), &env);
+    assert!(
+        !ok && log.contains("group or world access"),
+        "readable .pgpass: {log}"
+    );
+
+    // Channel binding: required, SCRAM binds to the TLS connection and succeeds ...
+    let (ok, log) = try_receive(
+        &dir.join("l"),
+        &base("rep", &format!("{right} channel_binding=require")),
+        &pw("scram secret"),
+    );
+    assert!(ok, "channel_binding=require over TLS: {log}");
+    // ... and it is refused where it cannot happen: no TLS, or a server using md5.
+    let (ok, log) = try_receive(
+        &dir.join("m"),
+        &base("legacy", "sslmode=disable channel_binding=require"),
+        &pw("md5 secret"),
+    );
+    assert!(!ok && log.contains("channel binding required"), "{log}");
+    let (ok, log) = try_receive(&dir.join("n"), &base("rep", "channel_binding=maybe"), &[]);
+    assert!(!ok && log.contains("channel_binding"), "{log}");
+
+    // A password with spaces and a quote, quoted as libpq quotes it; a malformed string is an
+    // error that never shows the password.
+    pg.psql("create role quoted replication login password 'it''s a secret'");
+    let hba_now = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostssl replication quoted 127.0.0.1/32 scram-sha-256\n{hba_now}"),
+    )
+    .unwrap();
+    pg.psql("select pg_reload_conf()");
+    let (ok, log) = try_receive(
+        &dir.join("o"),
+        &base("quoted", r"password='it\'s a secret'"),
+        &[],
+    );
+    assert!(ok, "quoted password: {log}");
+    let (ok, log) = try_receive(
+        &dir.join("p"),
+        &base("quoted", "password='it is a secret"),
+        &[],
+    );
+    assert!(!ok && log.contains("unterminated"), "{log}");
+    assert!(
+        !log.contains("a secret"),
+        "the password reached the log: {log}"
+    );
 }
 
 #[test]

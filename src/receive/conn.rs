@@ -10,7 +10,9 @@ use super::tls::{take_ssl_params, SslMode, TlsSettings};
 use crate::wal::Lsn;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::{backend, frontend};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -49,7 +51,7 @@ impl ConnError {
 }
 
 /// Where and as whom to connect, resolved the way libpq tools do.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConnParams {
     pub host: Host,
     pub port: u16,
@@ -57,6 +59,46 @@ pub struct ConnParams {
     pub password: Option<String>,
     pub application_name: String,
     pub tls: TlsSettings,
+    pub channel_binding: ChannelBindingMode,
+}
+
+impl std::fmt::Debug for ConnParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("ConnParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("application_name", &self.application_name)
+            .field("tls", &self.tls)
+            .field("channel_binding", &self.channel_binding)
+            .finish()
+    }
+}
+
+/// libpq's `channel_binding`: whether SCRAM binds itself to the TLS connection (so a man in
+/// the middle holding a certificate the client trusts still cannot relay the login).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelBindingMode {
+    Disable,
+    /// Bind when TLS and the server allow it (libpq's default).
+    Prefer,
+    /// Refuse to authenticate any other way.
+    Require,
+}
+
+impl ChannelBindingMode {
+    pub fn parse(s: &str) -> Result<ChannelBindingMode, String> {
+        match s {
+            "disable" => Ok(ChannelBindingMode::Disable),
+            "prefer" => Ok(ChannelBindingMode::Prefer),
+            "require" => Ok(ChannelBindingMode::Require),
+            other => Err(format!(
+                "channel_binding {other:?}: use disable, prefer or require"
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -74,7 +116,15 @@ fn pgpass(host: &str, port: u16, user: &str) -> Option<String> {
     let path = env("PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass")))?;
-    let text = std::fs::read_to_string(path).ok()?;
+    let file = std::fs::File::open(&path).ok()?;
+    let meta = file.metadata().ok()?;
+    if std::os::unix::fs::MetadataExt::mode(&meta) & 0o077 != 0 && meta.is_file() {
+        // As libpq: a password file others may read is not used.
+        tracing::warn!(path = %path.display(),
+            "password file has group or world access; permissions should be u=rw (0600) or less: ignored");
+        return None;
+    }
+    let text = std::io::read_to_string(file).ok()?;
     let port = port.to_string();
     text.lines().find_map(|line| {
         if line.starts_with('#') {
@@ -105,13 +155,22 @@ impl ConnParams {
         conninfo: Option<&str>,
         application_name: &str,
     ) -> Result<ConnParams, ConnError> {
-        let (rest, ssl) = take_ssl_params(conninfo.unwrap_or(""));
+        let (rest, ssl) = take_ssl_params(conninfo.unwrap_or("")).map_err(ConnError::Params)?;
         let cfg = if rest.trim().is_empty() {
             tokio_postgres::Config::new()
         } else {
-            tokio_postgres::Config::from_str(&rest)
-                .map_err(|e| ConnError::Params(format!("{rest:?}: {e}")))?
+            // Its own words only: the string may hold a password.
+            tokio_postgres::Config::from_str(&rest).map_err(|e| {
+                ConnError::Params(format!("the connection string does not parse ({e})"))
+            })?
         };
+        let channel_binding = ChannelBindingMode::parse(
+            &ssl.channel_binding
+                .clone()
+                .or_else(|| env("PGCHANNELBINDING"))
+                .unwrap_or_else(|| "prefer".into()),
+        )
+        .map_err(ConnError::Params)?;
         let mode = SslMode::parse(
             &ssl.mode
                 .or_else(|| env("PGSSLMODE"))
@@ -186,6 +245,7 @@ impl ConnParams {
                 root_cert,
                 client_cert,
             },
+            channel_binding,
         })
     }
 
@@ -206,12 +266,13 @@ fn host_from(h: &str) -> Host {
 }
 
 /// SSLRequest and, when the server agrees, the TLS handshake (libpq's sslmode rules).
+/// The stream, and the server's certificate (DER) when TLS is on.
 async fn negotiate_tls(
     mut tcp: tokio::net::TcpStream,
     p: &ConnParams,
-) -> Result<Box<dyn Stream>, ConnError> {
+) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), ConnError> {
     if p.tls.mode == SslMode::Disable {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), None));
     }
     let mut req = BytesMut::new();
     frontend::ssl_request(&mut req);
@@ -231,9 +292,15 @@ async fn negotiate_tls(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| ConnError::Tls(format!("handshake with {host}: {e}")))?;
-            Ok(Box::new(tls))
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
+            Ok((Box::new(tls), cert))
         }
-        b'N' if p.tls.mode == SslMode::Prefer => Ok(Box::new(tcp)),
+        b'N' if p.tls.mode == SslMode::Prefer => Ok((Box::new(tcp), None)),
         b'N' => Err(ConnError::Tls(format!(
             "the server does not accept TLS (sslmode {:?})",
             p.tls.mode
@@ -324,8 +391,8 @@ impl ReplicationConn {
                 target: target.clone(),
                 source,
             })?;
-        let stream = match stream {
-            Ok(unix) => unix,
+        let (stream, server_cert) = match stream {
+            Ok(unix) => (unix, None),
             Err(tcp) => negotiate_tls(tcp, p).await?,
         };
         let mut conn = ReplicationConn {
@@ -341,7 +408,7 @@ impl ReplicationConn {
         frontend::startup_message(params.iter().copied(), &mut conn.out)
             .map_err(|e| ConnError::Protocol(e.to_string()))?;
         conn.send().await?;
-        conn.authenticate(p).await?;
+        conn.authenticate(p, server_cert.as_deref()).await?;
         Ok(conn)
     }
 
@@ -385,7 +452,13 @@ impl ReplicationConn {
         }
     }
 
-    async fn authenticate(&mut self, p: &ConnParams) -> Result<(), ConnError> {
+    /// Answers the server's authentication request. `server_cert`: the TLS server's
+    /// certificate, which SCRAM binds to when `channel_binding` allows (tls-server-end-point).
+    async fn authenticate(
+        &mut self,
+        p: &ConnParams,
+        server_cert: Option<&[u8]>,
+    ) -> Result<(), ConnError> {
         let password = || {
             p.password.clone().ok_or_else(|| {
                 ConnError::Auth(format!(
@@ -395,13 +468,26 @@ impl ReplicationConn {
             })
         };
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
+        let binding_hash = match p.channel_binding {
+            ChannelBindingMode::Disable => None,
+            _ => server_cert.and_then(super::tls::end_point_hash),
+        };
         loop {
             let msg = match self.recv().await? {
                 Msg::Backend(m) => m,
                 Msg::CopyBoth => return Err(ConnError::Protocol("CopyBoth during startup".into())),
             };
             match msg {
-                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationOk => {
+                    if p.channel_binding == ChannelBindingMode::Require && !bound {
+                        return Err(ConnError::Auth(
+                            "channel binding required, but the server authenticated walfs \
+                             without it (it used another method than SCRAM over TLS)"
+                                .into(),
+                        ));
+                    }
+                }
                 backend::Message::AuthenticationCleartextPassword => {
                     frontend::password_message(password()?.as_bytes(), &mut self.out)?;
                     self.send().await?;
@@ -417,17 +503,41 @@ impl ReplicationConn {
                 }
                 backend::Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut has_scram = false;
+                    let (mut has_scram, mut has_plus) = (false, false);
                     while let Ok(Some(m)) = mechanisms.next() {
                         has_scram |= m == SCRAM_SHA_256;
+                        has_plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
+                    // As libpq: bind when both can; say "could have" when only walfs can (so a
+                    // server stripped of -PLUS by a man in the middle notices); refuse when
+                    // binding is required and impossible.
+                    let (mechanism, binding) = match (&binding_hash, has_plus) {
+                        (Some(h), true) => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(h.clone()),
+                        ),
+                        _ if p.channel_binding == ChannelBindingMode::Require => {
+                            return Err(ConnError::Auth(if binding_hash.is_none() {
+                                "channel binding required, but this connection has no TLS \
+                                 (or a server certificate walfs cannot bind to)"
+                                    .into()
+                            } else {
+                                "channel binding required, but the server does not offer \
+                                 SCRAM-SHA-256-PLUS"
+                                    .into()
+                            }))
+                        }
+                        (Some(_), false) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        (None, _) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    if !has_scram && mechanism == SCRAM_SHA_256 {
                         return Err(ConnError::Auth(
                             "the server offers no SASL mechanism walfs knows".into(),
                         ));
                     }
-                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.out)?;
+                    bound = mechanism == SCRAM_SHA_256_PLUS;
+                    let s = ScramSha256::new(password()?.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)?;
                     self.send().await?;
                     scram = Some(s);
                 }

@@ -13,6 +13,7 @@
 //! else at the server's current position: never a gap.
 
 pub mod conn;
+pub mod conninfo;
 pub mod tls;
 
 use crate::store::{Archive, Error as StoreError};
@@ -23,6 +24,7 @@ use futures::TryStreamExt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,8 +87,9 @@ impl Spool {
     pub fn open(dir: &Path) -> Result<Spool, ReceiveError> {
         let current = dir.join("current");
         let ready = dir.join("ready");
-        for d in [&current, &ready] {
-            std::fs::create_dir_all(d).map_err(spool_err(d))?;
+        // Received WAL is every row of the database: the spool is the service user's alone.
+        for d in [dir, &current, &ready] {
+            crate::cache::private_dir(d, crate::cache::WAL_DIR_MODE).map_err(spool_err(d))?;
         }
         Ok(Spool { current, ready })
     }
@@ -129,7 +132,12 @@ impl Spool {
     /// Writes a whole file into `ready/` durably.
     fn put_ready(&self, name: &ArchiveName, data: &[u8]) -> io::Result<()> {
         let tmp = self.ready.join(format!(".{name}.tmp"));
-        let f = File::create(&tmp)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all_at(data, 0)?;
         f.sync_all()?;
         std::fs::rename(&tmp, self.ready_path(name))?;
@@ -195,6 +203,7 @@ impl SegmentWriter {
                     .write(true)
                     .create(true)
                     .truncate(false)
+                    .mode(0o600)
                     .open(&path)?;
                 preallocate(&f, seg)?;
                 fsync_dir(&spool.current)?;

@@ -271,6 +271,75 @@ pub fn client_config(settings: &TlsSettings) -> Result<rustls::ClientConfig, Str
     }
 }
 
+/// The tls-server-end-point channel binding data of a server certificate (RFC 5929): its hash
+/// under the hash of its own signature algorithm (SHA-256 for MD5 and SHA-1), as PostgreSQL
+/// computes it. None for certificates that have no such hash (Ed25519, RSA-PSS), or that do
+/// not parse.
+pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let oid = signature_oid(cert)?;
+    const RSA: &[u8] = &[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04];
+    let hash = match oid {
+        // md5WithRSA, sha1WithRSA, ecdsa-with-SHA1: SHA-256, as the RFC says.
+        [r @ .., 0x04] | [r @ .., 0x05] if r == RSA => 256,
+        [e @ .., 0x01] if e == ECDSA => 256,
+        [r @ .., 0x0B] if r == RSA => 256,
+        [r @ .., 0x0C] if r == RSA => 384,
+        [r @ .., 0x0D] if r == RSA => 512,
+        [r @ .., 0x0E] if r == RSA => 224,
+        [e @ .., 0x03, 0x01] if e == ECDSA => 224,
+        [e @ .., 0x03, 0x02] if e == ECDSA => 256,
+        [e @ .., 0x03, 0x03] if e == ECDSA => 384,
+        [e @ .., 0x03, 0x04] if e == ECDSA => 512,
+        _ => return None,
+    };
+    Some(match hash {
+        224 => sha2::Sha224::digest(cert).to_vec(),
+        256 => sha2::Sha256::digest(cert).to_vec(),
+        384 => sha2::Sha384::digest(cert).to_vec(),
+        _ => sha2::Sha512::digest(cert).to_vec(),
+    })
+}
+
+/// One DER element at `at`: (tag, content range, end).
+fn der(b: &[u8], at: usize) -> Option<(u8, std::ops::Range<usize>, usize)> {
+    let tag = *b.get(at)?;
+    let first = *b.get(at + 1)?;
+    let (len, start) = if first < 0x80 {
+        (usize::from(first), at + 2)
+    } else {
+        let n = usize::from(first & 0x7F);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let bytes = b.get(at + 2..at + 2 + n)?;
+        (
+            bytes.iter().fold(0usize, |l, x| (l << 8) | usize::from(*x)),
+            at + 2 + n,
+        )
+    };
+    let end = start.checked_add(len)?;
+    (end <= b.len()).then_some((tag, start..end, end))
+}
+
+/// The OID of a certificate's signatureAlgorithm (after the tbsCertificate).
+fn signature_oid(cert: &[u8]) -> Option<&[u8]> {
+    let (0x30, outer, _) = der(cert, 0)? else {
+        return None;
+    };
+    let (0x30, _, after_tbs) = der(cert, outer.start)? else {
+        return None;
+    };
+    let (0x30, alg, _) = der(cert, after_tbs)? else {
+        return None;
+    };
+    let (0x06, oid, _) = der(cert, alg.start)? else {
+        return None;
+    };
+    Some(&cert[oid])
+}
+
 /// The TLS parameters of a conninfo string or URI, which tokio-postgres's parser does not know.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SslParams {
@@ -279,6 +348,8 @@ pub struct SslParams {
     /// `sslcert` and `sslkey`: a client certificate (PEM chain) and its private key.
     pub cert: Option<String>,
     pub key: Option<String>,
+    /// `channel_binding`: disable, prefer, require.
+    pub channel_binding: Option<String>,
 }
 
 impl SslParams {
@@ -289,6 +360,7 @@ impl SslParams {
             "sslrootcert" => &mut self.root_cert,
             "sslcert" => &mut self.cert,
             "sslkey" => &mut self.key,
+            "channel_binding" => &mut self.channel_binding,
             _ => return false,
         };
         *slot = Some(value.to_string());
@@ -296,34 +368,30 @@ impl SslParams {
     }
 }
 
-/// Takes the TLS parameters out of a conninfo string or URI; returns the rest and them.
-pub fn take_ssl_params(conninfo: &str) -> (String, SslParams) {
+/// Takes the TLS parameters out of a conninfo string or URI; returns the rest (every value
+/// quoted, so tokio-postgres reads it as libpq would) and them. A malformed string is an error
+/// that never quotes it: it may hold a password.
+pub fn take_ssl_params(conninfo: &str) -> Result<(String, SslParams), String> {
     let mut ssl = SslParams::default();
     let trimmed = conninfo.trim();
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        if let Ok(mut url) = url::Url::parse(trimmed) {
-            let kept: Vec<(String, String)> = url
-                .query_pairs()
-                .filter(|(k, v)| !ssl.take(k, v))
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            if kept.is_empty() {
-                url.set_query(None);
-            } else {
-                url.query_pairs_mut().clear().extend_pairs(kept);
-            }
-            return (url.to_string(), ssl);
+        let mut url = url::Url::parse(trimmed)
+            .map_err(|e| format!("the connection URI does not parse ({e})"))?;
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, v)| !ssl.take(k, v))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
         }
-        return (conninfo.to_string(), ssl);
+        return Ok((url.to_string(), ssl));
     }
-    let rest: Vec<&str> = trimmed
-        .split_whitespace()
-        .filter(|tok| match tok.split_once('=') {
-            Some((k, v)) => !ssl.take(k, v.trim_matches('\'')),
-            None => true,
-        })
-        .collect();
-    (rest.join(" "), ssl)
+    let pairs = super::conninfo::parse(trimmed).map_err(|e| e.to_string())?;
+    let rest: Vec<(String, String)> = pairs.into_iter().filter(|(k, v)| !ssl.take(k, v)).collect();
+    Ok((super::conninfo::format(&rest), ssl))
 }
 
 #[cfg(test)]
@@ -333,21 +401,42 @@ mod tests {
     #[test]
     fn ssl_params_are_taken_out_of_both_forms() {
         let (rest, p) = take_ssl_params(
-            "host=db port=5433 sslmode=verify-full sslrootcert=/ca.pem sslcert='/c.crt' sslkey=/c.key user=x",
-        );
-        assert_eq!(rest, "host=db port=5433 user=x");
+            "host=db port=5433 sslmode=verify-full sslrootcert=/ca.pem sslcert='/c.crt' sslkey=/c.key user=x channel_binding=require",
+        )
+        .unwrap();
+        assert_eq!(rest, "host='db' port='5433' user='x'");
+        assert_eq!(p.channel_binding.as_deref(), Some("require"));
         assert_eq!(p.mode.as_deref(), Some("verify-full"));
         assert_eq!(p.root_cert.as_deref(), Some("/ca.pem"));
         assert_eq!(p.cert.as_deref(), Some("/c.crt"));
         assert_eq!(p.key.as_deref(), Some("/c.key"));
         let (rest, p) = take_ssl_params(
             "postgresql://u@db:5433/x?sslmode=require&application_name=a&sslcert=%2Fc.crt",
-        );
+        )
+        .unwrap();
         assert_eq!(rest, "postgresql://u@db:5433/x?application_name=a");
         assert_eq!(p.mode.as_deref(), Some("require"));
         assert_eq!(p.root_cert, None);
         assert_eq!(p.cert.as_deref(), Some("/c.crt"));
+        let e = take_ssl_params("host=db password='top secret").unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
         assert!(SslMode::parse("verify-ca").is_ok());
         assert!(SslMode::parse("sometimes").is_err());
+    }
+
+    #[test]
+    fn channel_binding_hashes_follow_the_certificates_signature() {
+        use sha2::Digest;
+        let rsa = include_bytes!("testdata/rsa-sha256.der");
+        assert_eq!(
+            end_point_hash(rsa),
+            Some(sha2::Sha256::digest(rsa).to_vec())
+        );
+        let ec = include_bytes!("testdata/ecdsa-sha384.der");
+        assert_eq!(end_point_hash(ec), Some(sha2::Sha384::digest(ec).to_vec()));
+        assert_eq!(end_point_hash(include_bytes!("testdata/ed25519.der")), None);
+        for bad in [&b""[..], b"\x30", b"\x30\x84\xff\xff\xff\xff", &rsa[..100]] {
+            assert_eq!(end_point_hash(bad), None);
+        }
     }
 }
