@@ -11,6 +11,8 @@ pub mod envelope;
 pub mod fs;
 pub mod fuse;
 pub mod ops;
+#[cfg(test)]
+mod proptests;
 pub mod readahead;
 pub mod receive;
 pub mod restore;

@@ -436,7 +436,8 @@ pub fn parse_backup_file(
         return Err(format!("it stops ({stop}) before it starts ({start})"));
     }
     let n = name.as_str();
-    if start_file.len() != 24 || start_file[8..] != n[8..24] {
+    // Bytes, not characters: the text is the file's and may hold anything.
+    if start_file.len() != 24 || start_file.as_bytes()[8..] != n.as_bytes()[8..24] {
         return Err(format!(
             "it starts in {start_file}, but its name {n} says segment {}",
             &n[8..24]
@@ -661,5 +662,9 @@ mod tests {
             );
         }
         assert!(parse_backup_file(b"hello\n", &name, None).is_err());
+        // A multi-byte character where a digit should be: an error, not a panic.
+        let odd = "START WAL LOCATION: 0/2000028 (file 0000000\u{e9}000000000000002)\n\
+                   STOP WAL LOCATION: 0/2000100 (file x)\nSTOP TIME: x\n";
+        assert!(parse_backup_file(odd.as_bytes(), &name, None).is_err());
     }
 }
