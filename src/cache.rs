@@ -12,7 +12,8 @@
 //! `<cache-dir>/<archive id>/writes/` (files being written, never acknowledged before upload)
 //! and `<cache-dir>/<archive id>/stats.json` (read-ahead counters, for `walfs status`).
 
-use crate::readahead::{parse_history, Planner, Timelines};
+use crate::readahead::{Planner, Timelines};
+use crate::spool::{private_dir, spool_dir, Spool, DIR_MODE};
 use crate::store::{Archive, Entry, Error, PushOutcome};
 use crate::wal::{ArchiveName, FileKind, SegmentId, SegmentSize};
 
@@ -158,7 +159,7 @@ pub struct Cache {
     stats: Stats,
     stats_path: PathBuf,
     /// The spool `walfs receive` writes when it shares this cache directory.
-    spool: PathBuf,
+    spool: Spool,
     serve_partial: bool,
 }
 
@@ -176,23 +177,6 @@ fn legacy_dir_name(url: &str) -> String {
 /// The receiver's state file in an archive's cache directory (the mount's is `stats.json`).
 pub const RECEIVE_STATE_FILE: &str = "receive.json";
 
-/// The files in a local directory that carry archive names, sorted (others are ignored).
-pub fn archive_names_in(dir: &Path) -> Vec<ArchiveName> {
-    let mut v: Vec<ArchiveName> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| ArchiveName::parse(n).ok())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Moves an earlier version's directory for this archive to `dir`: whole when `dir` does not
 /// exist, else the receiver's spooled files `dir` lacks (the rest is rebuilt at start).
 fn take_over(legacy: &Path, dir: &Path) -> io::Result<()> {
@@ -202,40 +186,12 @@ fn take_over(legacy: &Path, dir: &Path) -> io::Result<()> {
             "cache directory renamed (one name per archive, however its URL is spelled)");
         return Ok(());
     }
-    for sub in ["spool/ready", "spool/current"] {
-        let (from, to) = (legacy.join(sub), dir.join(sub));
-        let Ok(entries) = std::fs::read_dir(&from) else {
-            continue;
-        };
-        private_dir(&to, WAL_DIR_MODE)?;
-        for e in entries {
-            let e = e?;
-            let target = to.join(e.file_name());
-            if !target.exists() {
-                std::fs::rename(e.path(), &target)?;
-                tracing::info!(file = %target.display(), "spooled file moved from an earlier cache directory");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Makes `dir` (and its missing parents) with `mode`, and gives `dir` that mode if it existed
-/// with another: the cache and the spool hold decrypted WAL, every row of the database.
-pub fn private_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+    Spool::at(&spool_dir(dir)).take_files_from(&Spool::at(&spool_dir(legacy)))
 }
 
 /// Mode of an archive's directory under the cache directory: others may reach the state files
 /// `walfs status` reads by name, not list or read anything else.
 const ARCHIVE_DIR_MODE: u32 = 0o711;
-/// Mode of the directories that hold WAL (plain/, writes/, spool/).
-pub const WAL_DIR_MODE: u32 = 0o700;
 
 fn reset_dir(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
@@ -243,7 +199,7 @@ fn reset_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    private_dir(dir, WAL_DIR_MODE)
+    private_dir(dir, DIR_MODE)
 }
 
 impl Cache {
@@ -288,7 +244,7 @@ impl Cache {
             },
             stats: Stats::default(),
             stats_path: base.join("stats.json"),
-            spool: base.join("spool"),
+            spool: Spool::at(&spool_dir(&base)),
             serve_partial: opts.serve_partial,
         })
     }
@@ -359,12 +315,12 @@ impl Cache {
         let load = async {
             // Received but not uploaded yet: durable here, plaintext, the same bytes. Only a
             // spool that has no such file sends the read to the archive.
-            let file = match std::fs::File::open(self.spooled(name)) {
-                Ok(src) => {
+            let file = match self.spool.open_ready(name)? {
+                Some(src) => {
                     let len = src.metadata()?.len();
                     tokio::task::block_in_place(|| self.land_copy(name, &src, len, false))?
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                None => {
                     // Decoded straight into a private, unlinked file: no plaintext in memory.
                     let (f, path) = self.new_plain_file(name)?;
                     let _ = std::fs::remove_file(&path);
@@ -382,11 +338,12 @@ impl Cache {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Err(e) => return Err(LoadError::Local(e)),
             };
             if name.kind() == FileKind::History {
                 let text = file.read_at(0, u32::try_from(file.len()).unwrap_or(u32::MAX))?;
-                let history = parse_history(&String::from_utf8_lossy(&text));
+                // Served only once whole and valid: it parses (read-ahead only plans with it).
+                let history =
+                    crate::wal::parse_history_file(&text, name.timeline()).unwrap_or_default();
                 lock(&self.readahead.timelines).insert(name.timeline(), history);
             }
             self.sizes.insert(name.clone(), file.len());
@@ -408,12 +365,17 @@ impl Cache {
         match result {
             Err(e) if matches!(e.as_ref(), LoadError::Absent) => {
                 match self.open_partial(name).await {
+                    Ok(Some(file)) => return Ok(file),
+                    Ok(None) => {}
+                    Err(io) => return Err(Arc::new(LoadError::Local(io))),
+                }
+                match self.open_snapshot(name).await {
                     Ok(Some(file)) => Ok(file),
                     Ok(None) => {
                         self.stats.fetch_absent.fetch_add(1, Ordering::Relaxed);
                         Err(e)
                     }
-                    Err(io) => Err(Arc::new(LoadError::Local(io))),
+                    Err(s) => Err(Arc::new(LoadError::Store(s))),
                 }
             }
             other => other,
@@ -426,23 +388,7 @@ impl Cache {
         if !self.serve_partial {
             return Ok(None);
         }
-        let dir = self.spool.join("current");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let mut newest: Option<String> = None;
-        for e in entries {
-            let n = e?.file_name().into_string().unwrap_or_default();
-            if n.ends_with(".partial") && newest.as_ref().is_none_or(|m| &n > m) {
-                newest = Some(n);
-            }
-        }
-        Ok(newest.and_then(|n| {
-            let name = ArchiveName::parse(n.trim_end_matches(".partial")).ok()?;
-            Some((name, dir.join(n)))
-        }))
+        self.spool.newest_partial()
     }
 
     /// `name` served from the segment `walfs receive` is writing: full size, zero tail.
@@ -464,13 +410,37 @@ impl Cache {
         Ok(Some(file))
     }
 
-    fn spooled(&self, name: &ArchiveName) -> PathBuf {
-        self.spool.join("ready").join(name.as_str())
+    /// `name` served from the receiver's newest snapshot in the archive, when `--serve-partial`
+    /// is on and the receiver's own spool is not here (its disk was lost): full size, zero
+    /// tail, provisional like a partial from the spool.
+    async fn open_snapshot(&self, name: &ArchiveName) -> Result<Option<Arc<CachedFile>>, Error> {
+        if !self.serve_partial {
+            return Ok(None);
+        }
+        let Some(snap) = self.archive.latest_snapshot(name).await? else {
+            return Ok(None);
+        };
+        let local = |e: io::Error| Error::Output {
+            name: name.to_string(),
+            why: format!("the cache directory: {e}"),
+        };
+        let (f, path) = self.new_plain_file(name).map_err(local)?;
+        let _ = std::fs::remove_file(&path);
+        let copy = f.try_clone().map_err(local)?;
+        let Some(len) = self.archive.fetch_snapshot_into(&snap, copy).await? else {
+            return Ok(None);
+        };
+        tracing::info!(%name, snapshot = %snap, "serving the receiver's newest snapshot (--serve-partial)");
+        Ok(Some(Arc::new(CachedFile {
+            file: f,
+            len,
+            provisional: true,
+        })))
     }
 
     /// Names received but not yet uploaded (few: the uploader drains them).
-    pub fn spooled_names(&self) -> Vec<ArchiveName> {
-        archive_names_in(&self.spool.join("ready"))
+    pub fn spooled_names(&self) -> io::Result<Vec<ArchiveName>> {
+        self.spool.ready()
     }
 
     async fn open_segment(
@@ -728,10 +698,8 @@ impl Cache {
             name: name.to_string(),
             why: format!("reading the receiver's spool: {e}"),
         };
-        match tokio::fs::metadata(self.spooled(name)).await {
-            Ok(m) => return Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(local(e)),
+        if let Some(f) = self.spool.open_ready(name).map_err(local)? {
+            return Ok(Some(f.metadata().map_err(local)?.len()));
         }
         let size = self.archive.header(name).await?.map(|h| h.plaintext_len);
         if let Some(s) = size {
@@ -741,11 +709,18 @@ impl Cache {
         // Not remembered: the complete segment replaces it later.
         if let Some((newest, path)) = self.newest_partial().map_err(local)? {
             if &newest == name {
-                return match tokio::fs::metadata(path).await {
-                    Ok(m) => Ok(Some(m.len())),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(local(e)),
-                };
+                match tokio::fs::metadata(path).await {
+                    Ok(m) => return Ok(Some(m.len())),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(local(e)),
+                }
+            }
+        }
+        if self.serve_partial && name.kind() == FileKind::Segment {
+            if let Some(id) = self.archive.identity().await? {
+                if self.archive.latest_snapshot(name).await?.is_some() {
+                    return Ok(Some(id.wal_segment_size));
+                }
             }
         }
         Ok(None)
@@ -926,7 +901,7 @@ mod tests {
         .await;
         // A spooled name that is a directory: opening it for reading fails with EISDIR.
         let name = ArchiveName::parse("000000010000000000000002").unwrap();
-        std::fs::create_dir_all(c.spooled(&name).join("x")).unwrap();
+        std::fs::create_dir_all(c.spool.ready_path(&name).join("x")).unwrap();
         assert!(matches!(
             c.open(&name).await.unwrap_err().as_ref(),
             LoadError::Local(_)
@@ -951,8 +926,8 @@ mod tests {
             .unwrap();
         assert_eq!(mode(&path), 0o600);
         drop(f);
-        let spool = base.join("spool");
-        crate::receive::Spool::open(&spool).unwrap();
+        let spool = spool_dir(&base);
+        Spool::open(&spool).unwrap();
         for d in [&spool, &spool.join("ready"), &spool.join("current")] {
             assert_eq!(mode(d), 0o700, "{}", d.display());
         }

@@ -842,7 +842,13 @@ impl Fs {
             // stream must answer "nothing", not be polled again.
             c.stream = Some(self.cache.list().fuse().boxed());
             c.pending = None;
-            c.spooled = self.cache.spooled_names();
+            c.spooled = match self.cache.spooled_names() {
+                Ok(names) => names,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the receiver's spool failed");
+                    return Err(FsError::Io);
+                }
+            };
             c.spooled.reverse();
             let mut skip = offset.saturating_sub(2);
             while skip > 0 {

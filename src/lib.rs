@@ -16,6 +16,7 @@ mod proptests;
 pub mod readahead;
 pub mod receive;
 pub mod restore;
+pub mod spool;
 pub mod store;
 pub mod telemetry;
 pub mod wal;

@@ -13,22 +13,6 @@ use std::collections::BTreeMap;
 
 pub use crate::wal::Switch;
 
-/// Parses a timeline history file (`1\t0/3000000\treason`, comments and blank lines skipped).
-pub fn parse_history(text: &str) -> Vec<Switch> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            if l.is_empty() || l.starts_with('#') {
-                return None;
-            }
-            let mut f = l.split_whitespace();
-            let parent = f.next()?.parse().ok()?;
-            let end = f.next()?.parse().ok()?;
-            Some(Switch { parent, end })
-        })
-        .collect()
-}
-
 /// The history files known so far: timeline → its ancestors, oldest first.
 #[derive(Clone, Debug, Default)]
 pub struct Timelines {
@@ -168,7 +152,6 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::Lsn;
 
     fn s16() -> SegmentSize {
         SegmentSize::new(16 << 20).unwrap()
@@ -182,25 +165,8 @@ mod tests {
         plan.iter().map(|s| s.file_name(s16())).collect()
     }
 
-    #[test]
-    fn history_files_parse() {
-        let h = parse_history(
-            "# comment\n1\t0/3000000\tno recovery target specified\n\n2\t1/A0\tbefore 2000-01-01\n",
-        );
-        assert_eq!(
-            h,
-            [
-                Switch {
-                    parent: 1,
-                    end: Lsn(0x300_0000)
-                },
-                Switch {
-                    parent: 2,
-                    end: Lsn(0x1_0000_00A0)
-                }
-            ]
-        );
-        assert!(parse_history("garbage\n").is_empty());
+    fn hist(text: &str) -> Vec<Switch> {
+        crate::wal::parse_history_file(text.as_bytes(), 9).unwrap()
     }
 
     #[test]
@@ -258,8 +224,8 @@ mod tests {
     fn the_plan_crosses_a_timeline_switch() {
         // Timeline 2 forked from 1 inside segment 0x12; timeline 3 from 2 inside 0x15.
         let mut t = Timelines::default();
-        t.insert(2, parse_history("1\t0/12345678\tx\n"));
-        t.insert(3, parse_history("1\t0/12345678\tx\n2\t0/15000100\ty\n"));
+        t.insert(2, hist("1\t0/12345678\tx\n"));
+        t.insert(3, hist("1\t0/12345678\tx\n2\t0/15000100\ty\n"));
         assert_eq!(t.target_from(1), 3);
         assert_eq!(t.target_from(2), 3);
         let mut p = Planner::new(s16(), 8);
@@ -277,7 +243,7 @@ mod tests {
     #[test]
     fn a_server_staying_on_an_old_timeline_is_followed() {
         let mut t = Timelines::default();
-        t.insert(2, parse_history("1\t0/12345678\tx\n"));
+        t.insert(2, hist("1\t0/12345678\tx\n"));
         let mut p = Planner::new(s16(), 8);
         p.on_request(seg(1, 0x10), &t);
         p.on_request(seg(1, 0x11), &t);

@@ -342,7 +342,11 @@ fn damaged_swapped_and_mis_keyed_objects_are_never_served() {
     let other_key = keygen(&scratch.path().join("other"));
     let wrong = Target::local(&archive, Some(other_key));
     let out = wrong.fetch(&wal.segments[6], &out_dir.join("w"));
-    assert_code(&out, 2, "fetch of a segment not archived yet, with the wrong key");
+    assert_code(
+        &out,
+        2,
+        "fetch of a segment not archived yet, with the wrong key",
+    );
     assert_code(&t.push(&wal.path(&wal.segments[6])), 0, "push");
     let out = wrong.fetch(&wal.segments[6], &out_dir.join("w"));
     assert_code(&out, 2, "fetch with the wrong key");

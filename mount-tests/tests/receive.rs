@@ -346,7 +346,8 @@ fn a_synchronous_receiver_loses_no_acknowledged_commit() {
 }
 
 /// Streaming from a standby that is promoted: walfs follows onto the new timeline, archives
-/// the history file, keeps the old timeline's last segment as .partial.
+/// the history file, keeps the old timeline's last segment as its snapshot
+/// (`receiver/<segment>.<end>.partial`, never PostgreSQL's own `<segment>.partial` name).
 #[test]
 fn a_timeline_switch_is_followed() {
     let scratch = scratch_dir("recv-tli");
@@ -388,11 +389,13 @@ fn a_timeline_switch_is_followed() {
     let names = archived(&archive);
     r.stop();
     assert!(names.contains(&"00000002.history".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with(".partial")), "{names:?}");
+    let snaps = stdout_str(&sh_ok(&mut walfs_cmd(&archive, &["ls", "--snapshots"])));
     assert!(
-        names
-            .iter()
-            .any(|n| n.starts_with("00000001") && n.ends_with(".partial")),
-        "{names:?}"
+        snaps
+            .lines()
+            .any(|l| l.starts_with("receiver/00000001") && l.contains(".partial")),
+        "no tail snapshot of timeline 1: {snaps:?}"
     );
     // New-timeline segments equal the promoted server's own.
     standby.wait_archived_upto(&last2);

@@ -188,6 +188,10 @@ enum Command {
         /// One JSON array instead of lines
         #[arg(long)]
         json: bool,
+        /// List the receiver's snapshots (`receiver/<segment>.<end>.partial`: the segment
+        /// being received, and old timelines' tails) instead of archive files
+        #[arg(long)]
+        snapshots: bool,
     },
     /// Write man pages (DIR/man) and shell completions (DIR/completions), for packages
     #[command(hide = true)]
@@ -405,7 +409,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Push { path, name } => push(&settings, &path, name.as_deref()).await,
         Command::Fetch { name, dest } => fetch(&settings, &name, &dest).await,
-        Command::Ls { json } => ls(&settings, json).await,
+        Command::Ls { json, snapshots } => ls(&settings, json, snapshots).await,
         Command::Mount(args) => mount::run(&settings, &args).await,
         Command::Status { json } => ops::status(&settings, json).await,
         Command::Verify {
@@ -648,8 +652,10 @@ async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure>
     if let Some(addr) = args.metrics_addr {
         crate::telemetry::serve_metrics(addr).map_err(|e| Failure::new(exit::USAGE, e))?;
     }
-    let spool_dir =
-        crate::cache::Cache::archive_dir(&settings.cache_dir, &settings.archive).join("spool");
+    let spool_dir = crate::spool::spool_dir(&crate::cache::Cache::archive_dir(
+        &settings.cache_dir,
+        &settings.archive,
+    ));
     let opts = ReceiveOptions {
         conn,
         slot: args.slot.clone(),
@@ -700,8 +706,22 @@ struct LsRow {
     modified: i64,
 }
 
-async fn ls(settings: &Settings, json: bool) -> Result<(), Failure> {
+async fn ls(settings: &Settings, json: bool, snapshots: bool) -> Result<(), Failure> {
     let archive = open_archive(settings, false)?;
+    if snapshots {
+        let snaps = archive.snapshots().await?;
+        if json {
+            let rows: Vec<_> = snaps
+                .iter()
+                .map(|s| serde_json::json!({"object": format!("receiver/{s}"), "segment": s.segment.as_str(), "end": s.end}))
+                .collect();
+            return ops::json_out(&rows);
+        }
+        for s in snaps {
+            println!("receiver/{s}\t{}\t{}", s.segment, s.end);
+        }
+        return Ok(());
+    }
     let segment_size = archive.identity().await?.map(|i| i.wal_segment_size);
     // Local directories list in directory order: sort (names only, a few MB for 100,000).
     let mut entries: Vec<_> = archive.list(None).try_collect().await?;

@@ -23,7 +23,7 @@ fn bar(len: u64, what: &str, bytes: bool) -> ProgressBar {
     pb
 }
 
-fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+pub(super) fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
     println!("{text}");
@@ -156,6 +156,9 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
         for name in &plan.histories_kept {
             println!("keeping {name} (a kept timeline descends from it)");
         }
+        for name in &plan.snapshots {
+            println!("{verb} receiver/{name}");
+        }
         println!(
             "{verb} {} files ({} stored); keeping {} files from {} on",
             plan.delete.len(),
@@ -187,7 +190,8 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
         pb.set_position(deleted);
     }
     pb.finish_and_clear();
-    tracing::info!(deleted, first_kept = %plan.first_kept, "retention applied");
+    archive.delete_snapshots(&plan.snapshot_objects).await?;
+    tracing::info!(deleted, snapshots = plan.snapshot_objects.len(), first_kept = %plan.first_kept, "retention applied");
     if !args.json {
         println!("deleted {deleted} files");
     }
@@ -373,6 +377,16 @@ pub(super) async fn status(settings: &Settings, json: bool) -> Result<(), Failur
                 HumanBytes(r["spool_bytes"].as_u64().unwrap_or(0)),
             ),
             None => println!("receive  none seen for this archive and cache directory"),
+        }
+        if let Some(n) = receive
+            .as_ref()
+            .and_then(|r| r["rejected_files"].as_u64())
+            .filter(|n| *n > 0)
+        {
+            println!(
+                "receive  REJECTED {n} files the archive refuses for good (set aside in the \
+                 spool's rejected/; see the receiver's log)"
+            );
         }
     }
     summary.map(|_| ())

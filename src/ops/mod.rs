@@ -9,12 +9,12 @@ pub mod verify;
 
 pub use verify::{verify, TimelineReport, VerifyReport};
 
-use crate::readahead::{parse_history, Switch};
 use crate::store::{Archive, Error};
-use crate::wal::ArchiveName;
+use crate::wal::{parse_history_file, ArchiveName, Switch};
 use std::collections::BTreeMap;
 
 /// The archived history files among `names`, parsed: timeline → its switches, oldest first.
+/// One that does not parse is an error: what retention keeps depends on it.
 pub async fn read_histories<'a>(
     archive: &Archive,
     names: impl IntoIterator<Item = &'a ArchiveName>,
@@ -22,10 +22,12 @@ pub async fn read_histories<'a>(
     let mut out = BTreeMap::new();
     for name in names {
         if let Some(data) = archive.fetch(name).await? {
-            out.insert(
-                name.timeline(),
-                parse_history(&String::from_utf8_lossy(&data)),
-            );
+            let history =
+                parse_history_file(&data, name.timeline()).map_err(|why| Error::Refused {
+                    name: name.to_string(),
+                    why: format!("not a timeline history file: {why}"),
+                })?;
+            out.insert(name.timeline(), history);
         }
     }
     Ok(out)

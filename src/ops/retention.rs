@@ -4,8 +4,10 @@
 //! `pg_archivecleanup` cuts: segments, `.partial` and `.backup` files before the boundary go,
 //! the rest stays. A cut by age is turned into such a boundary (the oldest segment that is
 //! still young enough), so deleting never opens a gap inside what is kept. `.history` files go
-//! only when no kept file needs them.
+//! only when no kept file needs them. The receiver's snapshots (`receiver/`) of segments
+//! before the boundary go too.
 
+use crate::store::snapshots::Snapshot;
 use crate::store::{Archive, Entry, Error};
 use crate::wal::{ArchiveName, FileKind, SegmentSize};
 use futures::TryStreamExt;
@@ -42,6 +44,13 @@ pub struct Plan {
     pub keep_files: u64,
     /// History files kept although older than the boundary (a kept timeline descends from them).
     pub histories_kept: Vec<String>,
+    /// Receiver snapshots of segments before the boundary (old timelines' tails).
+    pub snapshots: Vec<String>,
+    /// The boundary segment number.
+    #[serde(skip)]
+    pub boundary: u64,
+    #[serde(skip)]
+    pub snapshot_objects: Vec<Snapshot>,
 }
 
 /// The segment number a segment, `.partial` or `.backup` file belongs to.
@@ -113,6 +122,7 @@ pub fn plan(
         .unwrap_or_default();
     let mut plan = Plan {
         first_kept,
+        boundary,
         ..Plan::default()
     };
     delete.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
@@ -152,7 +162,21 @@ pub async fn plan_archive(
         .into_iter()
         .map(|(tli, switches)| (tli, switches.iter().map(|s| s.parent).collect()))
         .collect();
-    Ok(plan(&entries, &ancestors, size, rule))
+    let mut planned = plan(&entries, &ancestors, size, rule);
+    if let Ok(p) = &mut planned {
+        for s in archive.snapshots().await? {
+            if s.segment
+                .segment(size)
+                .ok()
+                .flatten()
+                .is_some_and(|id| id.segno < p.boundary)
+            {
+                p.snapshots.push(s.to_string());
+                p.snapshot_objects.push(s);
+            }
+        }
+    }
+    Ok(planned)
 }
 
 #[cfg(test)]

@@ -14,17 +14,18 @@
 
 pub mod conn;
 pub mod conninfo;
+pub mod resume;
 pub mod tls;
 
-use crate::store::{Archive, Error as StoreError};
+use crate::spool::Spool;
+use crate::store::snapshots::Snapshot;
+use crate::store::{Archive, Class, Error as StoreError};
 use crate::wal::{ArchiveName, FileKind, Lsn, SegmentId, SegmentSize};
-use bytes::Bytes;
 use conn::{ConnError, ConnParams, ReplMessage, ReplicationConn};
 use futures::TryStreamExt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,91 +74,6 @@ fn spool_err(path: &Path) -> impl FnOnce(io::Error) -> ReceiveError + '_ {
     }
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// The durable spool.
-pub struct Spool {
-    current: PathBuf,
-    ready: PathBuf,
-}
-
-impl Spool {
-    pub fn open(dir: &Path) -> Result<Spool, ReceiveError> {
-        let current = dir.join("current");
-        let ready = dir.join("ready");
-        // Received WAL is every row of the database: the spool is the service user's alone.
-        for d in [dir, &current, &ready] {
-            crate::cache::private_dir(d, crate::cache::WAL_DIR_MODE).map_err(spool_err(d))?;
-        }
-        Ok(Spool { current, ready })
-    }
-
-    fn names(dir: &Path) -> Vec<ArchiveName> {
-        crate::cache::archive_names_in(dir)
-    }
-
-    /// Files waiting for upload, oldest first (history files before the segments after them).
-    pub fn ready(&self) -> Vec<ArchiveName> {
-        Self::names(&self.ready)
-    }
-
-    pub fn ready_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.ready)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-
-    fn partials(&self) -> Vec<ArchiveName> {
-        Self::names(&self.current)
-            .into_iter()
-            .filter(|n| n.kind() == FileKind::Partial)
-            .collect()
-    }
-
-    pub fn ready_path(&self, name: &ArchiveName) -> PathBuf {
-        self.ready.join(name.as_str())
-    }
-
-    pub fn current_path(&self, segment: &str) -> PathBuf {
-        self.current.join(format!("{segment}.partial"))
-    }
-
-    /// Writes a whole file into `ready/` durably.
-    fn put_ready(&self, name: &ArchiveName, data: &[u8]) -> io::Result<()> {
-        let tmp = self.ready.join(format!(".{name}.tmp"));
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all_at(data, 0)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.ready_path(name))?;
-        fsync_dir(&self.ready)
-    }
-
-    /// Moves a finished `current/<segment>.partial` to `ready/` under `final_name`.
-    fn finish(&self, file: &File, segment: &str, final_name: &str) -> io::Result<()> {
-        file.sync_all()?;
-        std::fs::rename(self.current_path(segment), self.ready.join(final_name))?;
-        fsync_dir(&self.ready)?;
-        fsync_dir(&self.current)
-    }
-
-    fn remove_ready(&self, name: &ArchiveName) -> io::Result<()> {
-        std::fs::remove_file(self.ready_path(name))?;
-        fsync_dir(&self.ready)
-    }
-}
-
 /// Writes the stream into segment files.
 struct SegmentWriter {
     size: SegmentSize,
@@ -197,16 +113,8 @@ impl SegmentWriter {
             let off = pos % seg;
             if self.current.as_ref().map(|c| c.0) != Some(segno) {
                 // A new segment (the previous one was completed, or this is the first).
-                let path = spool.current_path(&self.segment_name(segno));
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&path)?;
+                let f = spool.open_current(&self.segment_name(segno))?;
                 preallocate(&f, seg)?;
-                fsync_dir(&spool.current)?;
                 self.current = Some((segno, f));
             }
             let n = rest.len().min((seg - off) as usize);
@@ -249,11 +157,12 @@ impl SegmentWriter {
         Ok(ArchiveName::parse(&final_name).ok())
     }
 
-    /// The file being written, for `.partial` uploads.
+    /// The segment being written and how many of its bytes are written, for snapshots.
     fn current_partial(&self) -> Option<(String, u64)> {
-        self.current
-            .as_ref()
-            .map(|(segno, _)| (self.segment_name(*segno), *segno))
+        self.current.as_ref().map(|(segno, _)| {
+            let end = self.written.0 - segno * self.size.bytes();
+            (self.segment_name(*segno), end)
+        })
     }
 }
 
@@ -309,6 +218,8 @@ pub struct Progress {
     pub wal_bytes: AtomicU64,
     pub reconnects: AtomicU64,
     pub uploaded: AtomicU64,
+    /// Files the archive refused for good, set aside in the spool's `rejected/`.
+    pub rejected: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -339,7 +250,8 @@ impl Progress {
         } else {
             Some(now_ms().saturating_sub(last_flush) as f64 / 1000.0)
         };
-        let queue = spool.ready();
+        let queue = spool.ready().map(|r| r.len()).unwrap_or(0);
+        let rejected = spool.rejected().map(|r| r.len()).unwrap_or(0);
         let spool_bytes = spool.ready_bytes();
         let connected = self.connected.load(Ordering::Relaxed);
         let timeline = self.timeline.load(Ordering::Relaxed);
@@ -353,7 +265,8 @@ impl Progress {
         }
         set_counter("walfs_receive_wal_bytes_total", g(&self.wal_bytes));
         set_counter("walfs_receive_reconnects_total", g(&self.reconnects));
-        set_gauge("walfs_upload_queue_files", queue.len() as f64);
+        set_gauge("walfs_upload_queue_files", queue as f64);
+        set_gauge("walfs_upload_rejected_files", rejected as f64);
         set_gauge("walfs_spool_bytes", spool_bytes as f64);
         crate::telemetry::tick();
         serde_json::json!({
@@ -369,7 +282,8 @@ impl Progress {
             "wal_bytes": g(&self.wal_bytes),
             "reconnects": g(&self.reconnects),
             "uploaded": g(&self.uploaded),
-            "upload_queue_files": queue.len(),
+            "upload_queue_files": queue,
+            "rejected_files": rejected,
             "spool_bytes": spool_bytes,
             "last_push": crate::telemetry::last_push(),
         })
@@ -391,7 +305,7 @@ enum Ended {
 
 impl Receiver {
     pub fn new(archive: Arc<Archive>, opts: ReceiveOptions) -> Result<Receiver, ReceiveError> {
-        let spool = Arc::new(Spool::open(&opts.spool_dir)?);
+        let spool = Arc::new(Spool::open(&opts.spool_dir).map_err(spool_err(&opts.spool_dir))?);
         Ok(Receiver {
             archive,
             opts,
@@ -484,7 +398,11 @@ impl Receiver {
         server_pos: Lsn,
     ) -> Result<(u32, Lsn), ReceiveError> {
         // 1. A segment being received: re-stream it from its start.
-        if let Some(p) = self.spool.partials().last() {
+        let partials = self
+            .spool
+            .partials()
+            .map_err(spool_err(&self.opts.spool_dir))?;
+        if let Some(p) = partials.last() {
             if let Ok(Some(id)) = p.segment(size) {
                 if id.timeline <= server_tli {
                     return Ok((id.timeline, size.start_lsn(id.segno)));
@@ -504,7 +422,11 @@ impl Receiver {
                 }
             }
         };
-        for n in self.spool.ready() {
+        for n in self
+            .spool
+            .ready()
+            .map_err(spool_err(&self.opts.spool_dir))?
+        {
             consider(&n);
         }
         let mut listing = self.archive.list(None);
@@ -533,6 +455,58 @@ impl Receiver {
         }
         // 4. The server's current position.
         Ok((server_tli, size.start_lsn(size.segno(server_pos))))
+    }
+
+    /// The server's timeline history (its ancestors and where each ended).
+    async fn server_history(
+        &self,
+        conn: &mut ReplicationConn,
+        server_tli: u32,
+    ) -> Result<Vec<crate::wal::Switch>, ReceiveError> {
+        if server_tli <= 1 {
+            return Ok(Vec::new());
+        }
+        let rows = conn
+            .query(&format!("TIMELINE_HISTORY {server_tli}"))
+            .await?;
+        let content = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .unwrap_or_default();
+        crate::wal::parse_history_file(content.as_bytes(), server_tli)
+            .map_err(|e| ReceiveError::Refused(format!("TIMELINE_HISTORY {server_tli}: {e}")))
+    }
+
+    /// Our own timeline's history, from the spool or the archive (empty when unknown).
+    async fn known_history(&self, tli: u32) -> Vec<crate::wal::Switch> {
+        let Ok(name) = ArchiveName::parse(&format!("{tli:08X}.history")) else {
+            return Vec::new();
+        };
+        let text = match std::fs::read(self.spool.ready_path(&name)) {
+            Ok(t) => Some(t),
+            Err(_) => self.archive.fetch(&name).await.ok().flatten(),
+        };
+        text.and_then(|t| crate::wal::parse_history_file(&t, tli).ok())
+            .unwrap_or_default()
+    }
+
+    /// Finishes the segments being received on timelines other than `tli` as `.partial`
+    /// tails (uploaded as their timeline's last snapshot), since streaming moves elsewhere.
+    fn keep_tails_before(&self, tli: u32, size: SegmentSize) -> Result<(), ReceiveError> {
+        let dir = &self.opts.spool_dir;
+        for p in self.spool.partials().map_err(spool_err(dir))? {
+            let segment = p.as_str().trim_end_matches(".partial").to_string();
+            if p.timeline() == tli || p.segment(size).ok().flatten().is_none() {
+                continue;
+            }
+            let f = File::open(self.spool.current_path(&segment)).map_err(spool_err(dir))?;
+            self.spool
+                .finish(&f, &segment, &format!("{segment}.partial"))
+                .map_err(spool_err(dir))?;
+            tracing::info!(name = %p, "kept as the old timeline's tail");
+            self.ready.notify_one();
+        }
+        Ok(())
     }
 
     async fn ensure_history(
@@ -611,6 +585,21 @@ impl Receiver {
         let (mut tli, mut start) = self
             .start_position(&mut conn, size, server_tli, server_pos)
             .await?;
+        if tli != server_tli {
+            // The server may have forked from our timeline behind us (a standby promoted in
+            // place of our primary): stream from the fork, keep what we have past it.
+            let server_history = self.server_history(&mut conn, server_tli).await?;
+            let ours = self.known_history(tli).await;
+            let r = resume::resume_point(&server_history, server_tli, (tli, start), &ours, size);
+            if r.diverged {
+                tracing::warn!(our_timeline = tli, our_position = %start, server_timeline = server_tli,
+                    resume_timeline = r.timeline, resume_at = %r.start,
+                    "the server's history forked from ours behind us: keeping our WAL past the fork \
+                     as the old timeline's tail, streaming from the fork");
+                self.keep_tails_before(r.timeline, size)?;
+                (tli, start) = (r.timeline, r.start);
+            }
+        }
         tracing::info!(server = %self.opts.conn.describe(), system_id, timeline = tli, start = %start, "streaming");
         self.progress.connected.store(true, Ordering::Relaxed);
         // systemd (Type=notify): ready once streaming; repeated after a reconnect, harmless.
@@ -741,36 +730,70 @@ impl Receiver {
             if let Some(every) = self.opts.partial_upload_interval {
                 if last_partial_upload.elapsed() >= every {
                     last_partial_upload = Instant::now();
-                    if let Some((segment, _)) = w.current_partial() {
+                    if let Some((segment, end)) = w.current_partial() {
                         w.flush().map_err(io)?;
-                        self.upload_partial(&segment);
+                        self.upload_snapshot(&segment, end);
                     }
                 }
             }
         }
     }
 
-    /// Uploads a snapshot of the segment being received under its `.partial` name, in the
-    /// background (losing the receiver's disk then loses at most one interval).
-    fn upload_partial(&self, segment: &str) {
+    /// Uploads a snapshot of the segment being received (its first `end` bytes are WAL), in
+    /// the background: losing the receiver's disk then loses at most one interval.
+    fn upload_snapshot(&self, segment: &str, end: u64) {
         let path = self.spool.current_path(segment);
         let archive = self.archive.clone();
-        let Ok(name) = ArchiveName::parse(&format!("{segment}.partial")) else {
+        let Ok(segment) = ArchiveName::parse(segment) else {
             return;
         };
         tokio::spawn(async move {
-            let data = match tokio::fs::read(&path).await {
-                Ok(d) => d,
-                Err(_) => return, // completed and moved meanwhile
+            let Ok((file, len)) = crate::store::open_local(&path) else {
+                return; // completed and moved meanwhile
             };
-            if let Err(e) = archive.put_partial(&name, Bytes::from(data)).await {
-                tracing::warn!(%name, error = %e, "uploading the partial segment failed");
+            let snap = Snapshot { segment, end };
+            if let Err(e) = archive.put_snapshot(&snap, file, len).await {
+                tracing::warn!(snapshot = %snap, error = %e, "uploading a snapshot failed");
             }
         });
     }
 }
 
-/// Pushes ready files in order; a file leaves the spool only once the archive has it.
+/// Archives one ready file: a timeline's last segment (`<segment>.partial`) as its final
+/// snapshot, anything else as the archive file it is. Read from the spool file, never into
+/// memory whole.
+async fn upload_one(
+    archive: &Archive,
+    spool: &Spool,
+    name: &ArchiveName,
+) -> Result<(), StoreError> {
+    let local = |e: std::io::Error| StoreError::Output {
+        name: name.to_string(),
+        why: format!("reading the spool: {e}"),
+    };
+    let (file, len) = crate::store::open_local(&spool.ready_path(name)).map_err(local)?;
+    if name.kind() == FileKind::Partial {
+        let segment = ArchiveName::parse(name.as_str().trim_end_matches(".partial"))
+            .map_err(|e| local(std::io::Error::other(e.to_string())))?;
+        // Its final state: the whole file, so it sorts after every interval snapshot.
+        let snap = Snapshot { segment, end: len };
+        return archive.put_snapshot(&snap, file, len).await;
+    }
+    let outcome = archive.push_file(name, file, len).await?;
+    tracing::info!(%name, ?outcome, "uploaded");
+    if name.kind() == FileKind::Segment {
+        // The snapshots of this segment are obsolete now (and any a late upload left).
+        if let Err(e) = archive.delete_stale_snapshots().await {
+            tracing::warn!(%name, error = %e, "deleting obsolete snapshots failed; the next upload retries");
+        }
+    }
+    Ok(())
+}
+
+/// Uploads ready files in order; a file leaves the spool only once the archive has it. A file
+/// the archive refuses for good (another cluster's, different bytes already archived under
+/// its name) is set aside in `rejected/`, loudly, and the rest goes on; any other failure is
+/// retried with backoff, the file staying first.
 async fn upload_loop(
     archive: Arc<Archive>,
     spool: Arc<Spool>,
@@ -781,40 +804,30 @@ async fn upload_loop(
     let mut backoff = Duration::from_millis(500);
     loop {
         let mut failed = false;
-        for name in spool.ready() {
-            let path = spool.ready_path(&name);
-            // A timeline's last .partial replaces the interval snapshots of itself; anything
-            // else is pushed from the spool file, never read into memory whole.
-            let local = |e: std::io::Error| crate::store::Error::Output {
-                name: name.to_string(),
-                why: format!("reading the spool: {e}"),
-            };
-            let pushed = if name.kind() == FileKind::Partial {
-                match tokio::fs::read(&path).await {
-                    Ok(data) => archive
-                        .put_partial(&name, Bytes::from(data))
-                        .await
-                        .map(|()| crate::store::PushOutcome::Stored { stored_bytes: 0 }),
-                    Err(e) => Err(local(e)),
-                }
-            } else {
-                match crate::store::open_local(&path) {
-                    Ok((file, len)) => archive.push_file(&name, file, len).await,
-                    Err(e) => Err(local(e)),
-                }
-            };
-            match pushed {
-                Ok(outcome) => {
-                    tracing::info!(%name, ?outcome, "uploaded");
+        let names = match spool.ready() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the spool failed");
+                failed = true;
+                Vec::new()
+            }
+        };
+        for name in names {
+            match upload_one(&archive, &spool, &name).await {
+                Ok(()) => {
                     progress.uploaded.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = spool.remove_ready(&name) {
                         tracing::error!(%name, error = %e, "removing an uploaded file from the spool failed");
                     }
-                    // The interval snapshot of this segment is obsolete now.
-                    if name.kind() == FileKind::Segment {
-                        if let Ok(p) = ArchiveName::parse(&format!("{name}.partial")) {
-                            let _ = archive.delete_partial(&p).await;
-                        }
+                }
+                Err(e) if matches!(e.class(), Class::Refused | Class::Damaged) => {
+                    progress.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%name, error = %e, path = %spool.dir().join("rejected").display(),
+                        "the archive refuses this file for good: set aside, the uploads behind it go on");
+                    if let Err(e) = spool.reject(&name) {
+                        tracing::error!(%name, error = %e, "setting a refused file aside failed");
+                        failed = true;
+                        break;
                     }
                 }
                 Err(e) => {
@@ -824,7 +837,7 @@ async fn upload_loop(
                 }
             }
         }
-        if *stop.borrow() && (!failed || spool.ready().is_empty()) {
+        if *stop.borrow() && (!failed || spool.ready().is_ok_and(|r| r.is_empty())) {
             return;
         }
         let wait = if failed {

@@ -305,6 +305,14 @@ impl Plain {
     }
 }
 
+/// An object: where it lives, the name its seal binds it to, and the kind of WAL file it
+/// holds (an archive file under `wal/`, or a receiver's snapshot, see `snapshots`).
+struct Obj {
+    path: Path,
+    sealed_as: String,
+    kind: FileKind,
+}
+
 /// What an object is sealed as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -394,6 +402,14 @@ impl Archive {
 
     fn key_id(&self) -> Option<String> {
         self.keys.as_ref().map(|k| k.current().id().to_string())
+    }
+
+    fn obj(&self, name: &ArchiveName) -> Obj {
+        Obj {
+            path: self.object_path(name),
+            sealed_as: name.to_string(),
+            kind: name.kind(),
+        }
     }
 
     fn object_path(&self, name: &ArchiveName) -> Path {
@@ -736,16 +752,21 @@ impl Archive {
             self.check_key(name, &id)?;
             self.authenticate_identity(&id).await?;
         }
-        let path = self.object_path(name);
+        self.put_once(&self.obj(name), &plain).await
+    }
+
+    /// Stores `plain` as `obj` with a create-only write, unless it is there already; then it
+    /// must open and hold exactly `plain`. Returns only once the backend confirmed.
+    async fn put_once(&self, obj: &Obj, plain: &Plain) -> Result<PushOutcome, Error> {
         // Fast path for PostgreSQL's re-archive after a crash: no upload when it is there.
-        if self.head(&path).await?.is_some() {
-            return self.confirm_identical(name, &plain).await;
+        if self.head(&obj.path).await?.is_some() {
+            return self.confirm_identical(obj, plain).await;
         }
-        let (payload, stored_bytes) = self.seal(name, &plain).await?;
+        let (payload, stored_bytes) = self.seal(obj, plain).await?;
         match self
             .backend
             .for_size(stored_bytes)
-            .put_opts(&path, payload, PutOptions::from(PutMode::Create))
+            .put_opts(&obj.path, payload, PutOptions::from(PutMode::Create))
             .await
         {
             Ok(_) => Ok(PushOutcome::Stored { stored_bytes }),
@@ -753,22 +774,24 @@ impl Archive {
             // lost): the conditional put let exactly one write through; compare with it.
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => {
-                self.confirm_identical(name, &plain).await
+                self.confirm_identical(obj, plain).await
             }
-            Err(e) => Err(self.write_error(format!("uploading {name} to {}", self.url), e)),
+            Err(e) => {
+                Err(self.write_error(format!("uploading {} to {}", obj.sealed_as, self.url), e))
+            }
         }
     }
 
     /// Seals `plain` into an unlinked scratch file and maps it: the upload reads the sealed
     /// object from the page cache, so memory stays flat whatever the file's size.
-    async fn seal(&self, name: &ArchiveName, plain: &Plain) -> Result<(PutPayload, u64), Error> {
+    async fn seal(&self, obj: &Obj, plain: &Plain) -> Result<(PutPayload, u64), Error> {
         let keys = self.keys.clone();
         let opts = self.seal;
-        let n = name.as_str().to_string();
+        let n = obj.sealed_as.clone();
         let plain = plain.clone();
         let scratch = self.scratch.clone();
         let local = |e: std::io::Error| Error::Output {
-            name: name.to_string(),
+            name: obj.sealed_as.clone(),
             why: format!("sealing into a scratch file: {e}"),
         };
         let sealed = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, u64)> {
@@ -795,19 +818,15 @@ impl Archive {
     /// Something is stored under `name`: succeed only if it opens and holds exactly `plain`.
     /// The stored object is opened chunk by chunk and compared with the file at the same
     /// offsets, never expanded into memory whole.
-    async fn confirm_identical(
-        &self,
-        name: &ArchiveName,
-        plain: &Plain,
-    ) -> Result<PushOutcome, Error> {
-        let Some(bytes) = self.get_object(name, Some(plain.source().len())).await? else {
+    async fn confirm_identical(&self, obj: &Obj, plain: &Plain) -> Result<PushOutcome, Error> {
+        let Some(bytes) = self.get_object(obj, Some(plain.source().len())).await? else {
             return Err(Error::Refused {
-                name: name.to_string(),
+                name: obj.sealed_as.clone(),
                 why: "the archived copy vanished while being compared; try again".into(),
             });
         };
         let keys = self.keys.clone();
-        let n = name.as_str().to_string();
+        let n = obj.sealed_as.clone();
         let plain = plain.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let src = plain.source();
@@ -837,11 +856,11 @@ impl Archive {
         })
         .await
         .map_err(|e| Error::Config(format!("comparing task failed: {e}")))?
-        .map_err(|e| Self::unreadable(name, e))?;
+        .map_err(|e| Self::unreadable(&obj.sealed_as, e))?;
         match outcome {
             None => Ok(PushOutcome::AlreadyArchived),
             Some((stored, offered)) => Err(Error::Conflict {
-                name: name.to_string(),
+                name: obj.sealed_as.clone(),
                 stored: hex::encode(stored),
                 offered: hex::encode(offered),
             }),
@@ -882,19 +901,20 @@ impl Archive {
     ///
     /// `size` is what the caller expects the file to hold (a segment: the segment size): the
     /// download is given the time that needs on a slow link.
-    async fn get_object(
-        &self,
-        name: &ArchiveName,
-        size: Option<u64>,
-    ) -> Result<Option<Bytes>, Error> {
-        let path = self.object_path(name);
-        let size = size.or_else(|| match name.kind() {
+    async fn get_object(&self, obj: &Obj, size: Option<u64>) -> Result<Option<Bytes>, Error> {
+        let name = &obj.sealed_as;
+        let size = size.or_else(|| match obj.kind {
             FileKind::Segment | FileKind::Partial => {
                 self.identity.get().map(|i| i.wal_segment_size)
             }
             _ => None,
         });
-        match self.backend.for_size(size.unwrap_or(0)).get(&path).await {
+        match self
+            .backend
+            .for_size(size.unwrap_or(0))
+            .get(&obj.path)
+            .await
+        {
             Ok(r) => {
                 // Chunk by chunk, counting what arrives: a slow download is not a dead store.
                 let fail = |e| Error::backend(format!("downloading {name}"), e);
@@ -921,13 +941,13 @@ impl Archive {
     /// with a page header naming its cluster and segment size. The object authenticated, so a
     /// mismatch is an object of another cluster sealed with the same key (replayed), or an
     /// identity that is not this archive's; either way not data.
-    fn check_content(&self, name: &ArchiveName, len: u64, first: &[u8]) -> Result<(), Error> {
-        let (FileKind::Segment | FileKind::Partial, Some(id)) = (name.kind(), self.identity.get())
+    fn check_content(&self, obj: &Obj, len: u64, first: &[u8]) -> Result<(), Error> {
+        let (FileKind::Segment | FileKind::Partial, Some(id)) = (obj.kind, self.identity.get())
         else {
             return Ok(());
         };
         let bad = |why: String| Error::Unreadable {
-            name: name.to_string(),
+            name: obj.sealed_as.clone(),
             source: OpenError::Corrupt(why),
         };
         if id.wal_segment_size != len {
@@ -957,12 +977,12 @@ impl Archive {
     /// not archived. The sink's output means nothing unless this returns Ok.
     async fn open_object(
         &self,
-        name: &ArchiveName,
+        obj: &Obj,
         size: Option<u64>,
         sink: Box<envelope::OwnedSink>,
     ) -> Result<Option<(Header, u64)>, Error> {
-        let wal = matches!(name.kind(), FileKind::Segment | FileKind::Partial);
-        let (bytes, identity) = tokio::join!(self.get_object(name, size), async {
+        let wal = matches!(obj.kind, FileKind::Segment | FileKind::Partial);
+        let (bytes, identity) = tokio::join!(self.get_object(obj, size), async {
             if wal {
                 self.identity().await.map(|_| ())
             } else {
@@ -974,7 +994,7 @@ impl Archive {
         };
         identity?;
         let keys = self.keys.clone();
-        let n = name.as_str().to_string();
+        let n = obj.sealed_as.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let header = Header::parse(&bytes)?;
             let first = std::sync::Mutex::new(Vec::new());
@@ -990,12 +1010,12 @@ impl Archive {
         })
         .await
         .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
-        let (header, len, first) = opened.map_err(|e| Self::unreadable(name, e))?;
-        self.check_content(name, len, &first)?;
+        let (header, len, first) = opened.map_err(|e| Self::unreadable(&obj.sealed_as, e))?;
+        self.check_content(obj, len, &first)?;
         Ok(Some((header, len)))
     }
 
-    fn unreadable(name: &ArchiveName, source: OpenError) -> Error {
+    fn unreadable(name: &str, source: OpenError) -> Error {
         match source {
             OpenError::Output(why) => Error::Output {
                 name: name.to_string(),
@@ -1034,7 +1054,7 @@ impl Archive {
             Ok(())
         });
         Ok(self
-            .open_object(name, None, sink)
+            .open_object(&self.obj(name), None, sink)
             .await?
             .map(|_| std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))))
     }
@@ -1043,7 +1063,7 @@ impl Archive {
     /// opens); None when it is not archived. What `verify --deep` checks, and counts by key.
     pub async fn check_object(&self, name: &ArchiveName) -> Result<Option<ObjectInfo>, Error> {
         let opened = self
-            .open_object(name, None, Box::new(|_, _| Ok(())))
+            .open_object(&self.obj(name), None, Box::new(|_, _| Ok(())))
             .await?;
         Ok(opened.map(|(h, _)| ObjectInfo {
             format: h.version,
@@ -1082,7 +1102,7 @@ impl Archive {
             std::os::unix::fs::FileExt::write_all_at(&file, data, at)
         });
         Ok(self
-            .open_object(name, size, sink)
+            .open_object(&self.obj(name), size, sink)
             .await?
             .map(|(_, len)| len))
     }
@@ -1104,35 +1124,6 @@ impl Archive {
             }
             Err(e) => Err(Error::backend(format!("reading the header of {name}"), e)),
         }
-    }
-
-    /// Stores a snapshot of a segment still being received under its `.partial` name,
-    /// replacing an older snapshot (the one kind of object that changes: it only grows).
-    pub async fn put_partial(&self, name: &ArchiveName, data: Bytes) -> Result<(), Error> {
-        if name.kind() != FileKind::Partial {
-            return Err(Error::Refused {
-                name: name.to_string(),
-                why: "only .partial files are replaced".into(),
-            });
-        }
-        let plain = Plain::Bytes(data);
-        self.validate(name, &plain).await?;
-        let (payload, stored) = self.seal(name, &plain).await?;
-        let path = self.object_path(name);
-        self.backend
-            .for_size(stored)
-            .put_opts(&path, payload, PutMode::Overwrite.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| self.write_error(format!("uploading {name} to {}", self.url), e))
-    }
-
-    /// Deletes a `.partial` snapshot made obsolete by its complete segment.
-    pub async fn delete_partial(&self, name: &ArchiveName) -> Result<bool, Error> {
-        if name.kind() != FileKind::Partial {
-            return Ok(false);
-        }
-        self.delete(name).await
     }
 
     /// Checks the backend answers (one listing page): a missing bucket or container, bad
@@ -1210,6 +1201,7 @@ impl Archive {
 
 mod backend;
 pub mod faults;
+pub mod snapshots;
 
 #[cfg(test)]
 /// A segment-shaped buffer: a long page header for `name` and some content.
