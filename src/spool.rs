@@ -6,6 +6,9 @@
 //! <cache-dir>/<archive>/spool/          mode 0700, files 0600
 //!   current/<segment>.partial           the segment being received: full size, zero-filled
 //!                                       ahead of the data, written at its offsets
+//!   current/.spare                      the next segment's file, zero-filled and fsynced in
+//!                                       the background, renamed into place when it starts
+//!                                       (`.spare.tmp` while it is being made)
 //!   ready/<name>                        complete files waiting for upload: segments, timeline
 //!                                       history files, a timeline's last segment as
 //!                                       <segment>.partial (its end is the switch point)
@@ -21,7 +24,10 @@
 //! After a crash anything may be cut short except what was fsynced: a file in `ready` is
 //! whole (it got there by a rename after its fsync); a `current` file holds every byte up to
 //! the last flush position reported, and the receiver re-streams it from its start; a
-//! `.tmp` file in `ready` is a history file that never finished and is rewritten.
+//! `.tmp` file in `ready` is a history file that never finished and is rewritten; `.spare`
+//! exists only whole (renamed after its fsync), `.spare.tmp` is remade. A spare renamed into
+//! place is named durably (directory fsynced) before any WAL is written into it, so after a
+//! crash a spare never holds WAL and a segment never lacks its name.
 
 use crate::wal::{ArchiveName, FileKind};
 use std::fs::{File, OpenOptions};
@@ -34,6 +40,8 @@ use std::path::{Path, PathBuf};
 pub const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 const PARTIAL: &str = ".partial";
+const SPARE: &str = ".spare";
+const SPARE_TMP: &str = ".spare.tmp";
 
 /// Where the spool of the archive whose cache directory is `archive_dir` lives.
 pub fn spool_dir(archive_dir: &Path) -> PathBuf {
@@ -45,21 +53,47 @@ pub struct Spool {
     current: PathBuf,
     ready: PathBuf,
     rejected: PathBuf,
+    /// A spare is being made (one at a time: they share `.spare.tmp`).
+    making_spare: std::sync::atomic::AtomicBool,
 }
 
 /// Makes `dir` (and its missing parents) with `mode`, and gives `dir` that mode if it existed
-/// with another.
+/// with another. A directory it makes is named durably: its parent is fsynced.
 pub fn private_dir(dir: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
         .create(dir)?;
+    for made in missing.iter().rev() {
+        if let Some(parent) = made.parent() {
+            fsync_dir(parent)?;
+        }
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Fills `f` with zeros up to `size` bytes and fsyncs it, as pg_receivewal does for a new
+/// segment: later fdatasyncs then write data only, not block allocations (a sparse file would
+/// make every synchronous commit wait for a metadata update).
+fn zero_fill(f: &File, size: u64) -> io::Result<()> {
+    let have = f.metadata()?.len();
+    if have >= size {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = have;
+    while at < size {
+        let n = zeros.len().min((size - at) as usize);
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()
 }
 
 /// Files carrying archive names in `dir`, sorted; a missing directory holds none, any other
@@ -92,6 +126,7 @@ impl Spool {
             current: dir.join("current"),
             ready: dir.join("ready"),
             rejected: dir.join("rejected"),
+            making_spare: Default::default(),
         }
     }
 
@@ -163,17 +198,54 @@ impl Spool {
         }
     }
 
-    /// Opens (creating it if need be) the file a segment is received into.
-    pub fn open_current(&self, segment: &str) -> io::Result<File> {
+    /// Opens the file a segment is received into, `size` bytes long: the one there (a segment
+    /// received before a restart), else the spare renamed into place, else a new file filled
+    /// with zeros here and now. Its name is durable when this returns. Says whether the spare
+    /// was used.
+    pub fn open_current(&self, segment: &str, size: u64) -> io::Result<(File, bool)> {
+        let path = self.current_path(segment);
+        let spare = self.current.join(SPARE);
+        let took_spare = !path.exists()
+            && std::fs::metadata(&spare).is_ok_and(|m| m.len() == size)
+            && std::fs::rename(&spare, &path).is_ok();
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(FILE_MODE)
-            .open(self.current_path(segment))?;
+            .open(&path)?;
+        if !took_spare {
+            zero_fill(&f, size)?;
+        }
         fsync_dir(&self.current)?;
-        Ok(f)
+        Ok((f, took_spare))
+    }
+
+    /// Makes the spare segment file (zero-filled, fsynced) unless there is one or another
+    /// call is making it. Slow (a whole segment is written): call it off the streaming path.
+    pub fn make_spare(&self, size: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let spare = self.current.join(SPARE);
+        if std::fs::metadata(&spare).is_ok_and(|m| m.len() == size)
+            || self.making_spare.swap(true, Ordering::AcqRel)
+        {
+            return Ok(());
+        }
+        let made = (|| {
+            let tmp = self.current.join(SPARE_TMP);
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(FILE_MODE)
+                .open(&tmp)?;
+            zero_fill(&f, size)?;
+            std::fs::rename(&tmp, &spare)?;
+            fsync_dir(&self.current)
+        })();
+        self.making_spare.store(false, Ordering::Release);
+        made
     }
 
     /// Writes a whole file into `ready/` durably (a history file the server sent).
@@ -245,11 +317,14 @@ mod tests {
         let reader = Spool::at(s.dir());
         assert!(reader.newest_partial().unwrap().is_none());
         let seg = "000000010000000000000003";
-        let f = s.open_current(seg).unwrap();
+        let (f, spare) = s.open_current(seg, 4096).unwrap();
+        assert!(!spare);
         f.write_all_at(b"wal", 0).unwrap();
         let (newest, path) = reader.newest_partial().unwrap().unwrap();
         assert_eq!(newest.as_str(), seg);
-        assert_eq!(std::fs::read(path).unwrap(), b"wal");
+        let mut want = b"wal".to_vec();
+        want.resize(4096, 0);
+        assert_eq!(std::fs::read(path).unwrap(), want);
         s.finish(&f, seg, seg).unwrap();
         let name = ArchiveName::parse(seg).unwrap();
         assert_eq!(reader.ready().unwrap(), vec![name.clone()]);
@@ -262,6 +337,18 @@ mod tests {
         assert_eq!(s.ready().unwrap(), vec![name.clone()]);
         s.remove_ready(&name).unwrap();
         assert!(reader.open_ready(&name).unwrap().is_none());
+        // The next segment takes the spare, which is zeros and not a segment of its own.
+        s.make_spare(4096).unwrap();
+        assert!(reader.partials().unwrap().is_empty());
+        let next = "000000010000000000000004";
+        let (f, spare) = s.open_current(next, 4096).unwrap();
+        assert!(spare);
+        assert_eq!(f.metadata().unwrap().len(), 4096);
+        assert_eq!(std::fs::read(s.current_path(next)).unwrap(), vec![0; 4096]);
+        // A spare of another size (the server's segment size changed) is not taken.
+        s.make_spare(8192).unwrap();
+        let (_, spare) = s.open_current("000000010000000000000005", 4096).unwrap();
+        assert!(!spare);
         // A spool that cannot be read is an error, not an empty spool.
         std::fs::remove_dir_all(t.path().join("spool/ready")).unwrap();
         std::fs::write(t.path().join("spool/ready"), b"not a directory").unwrap();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # walfs receive beside pg_receivewal, on one real PostgreSQL, in one run.
 #
-#   bash mount-tests/bench/receive-bench.sh [WAL_MB] [TPS_SECONDS]
+#   bash mount-tests/bench/receive-bench.sh [WAL_MB] [TPS_SECONDS] [ROUNDS]
 #
 # 1. Receive throughput: with the receiver stopped, the server writes WAL_MB (default 1024) of
 #    WAL into a replication slot (pgbench -i); then the receiver starts and we time until its
@@ -9,12 +9,15 @@
 #    a local archive meanwhile; pg_receivewal only writes files.
 # 2. Synchronous commit: pgbench TPS (-c 4, TPS_SECONDS, default 20) of a primary with
 #    synchronous_standby_names = 'walfs' served by `walfs receive --synchronous` and by
-#    `pg_receivewal --synchronous`, beside the same primary with no synchronous standby.
+#    `pg_receivewal --synchronous`, beside the same primary with no synchronous standby; ROUNDS
+#    (default 3) rounds, the three alternating within each, reported as medians (a single
+#    20 s run on a small machine varies by 10% or more from one run to the next).
 # Needs root and what .ci/setup installs; builds walfs in release.
 set -euo pipefail
 
 WAL_MB=${1:-1024}
 TPS_SECONDS=${2:-20}
+ROUNDS=${3:-3}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 WORK=$(mktemp -d /tmp/walfs-rbench.XXXXXX)
@@ -93,14 +96,21 @@ MIB=$(echo "$BYTES / 1048576" | bc -l)
 # --- 2. synchronous commit TPS ----------------------------------------------------------
 runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK" -p 5460 -i -q -s 10 postgres >/dev/null 2>&1
 tps() { runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK" -p 5460 -c 4 -j 2 -T "$TPS_SECONDS" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1; }
-q "alter system set synchronous_standby_names = ''" >/dev/null; q "select pg_reload_conf()" >/dev/null
-T_ASYNC=$(tps)
-q "alter system set synchronous_standby_names = 'walfs'" >/dev/null; q "select pg_reload_conf()" >/dev/null
-start_walfs --synchronous; wait_streaming walfs
-T_WALFS=$(tps); stop_receiver
-start_pgrw --synchronous; wait_streaming walfs
-T_PGRW=$(tps); stop_receiver
-q "alter system set synchronous_standby_names = ''" >/dev/null; q "select pg_reload_conf()" >/dev/null
+sync_names() { q "alter system set synchronous_standby_names = '$1'" >/dev/null; q "select pg_reload_conf()" >/dev/null; }
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+A_RUNS=""; W_RUNS=""; P_RUNS=""
+for round in $(seq 1 "$ROUNDS"); do
+    sync_names ''
+    A_RUNS="$A_RUNS $(tps)"
+    sync_names walfs
+    start_walfs --synchronous; wait_streaming walfs
+    W_RUNS="$W_RUNS $(tps)"; stop_receiver
+    start_pgrw --synchronous; wait_streaming walfs
+    P_RUNS="$P_RUNS $(tps)"; stop_receiver
+    echo "round $round/$ROUNDS: async$(echo "$A_RUNS" | awk '{print " "$NF}') walfs$(echo "$W_RUNS" | awk '{print " "$NF}') pg_receivewal$(echo "$P_RUNS" | awk '{print " "$NF}')" >&2
+done
+sync_names ''
+T_ASYNC=$(echo "$A_RUNS" | median); T_WALFS=$(echo "$W_RUNS" | median); T_PGRW=$(echo "$P_RUNS" | median)
 
 echo
 echo "walfs receive vs pg_receivewal, $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $("$PGBIN/postgres" --version)"
@@ -108,7 +118,7 @@ printf 'catch-up of %.0f MiB of WAL:\n' "$MIB"
 printf '  %-26s %8.2f s %9.1f MiB/s\n' "walfs receive" "$tw" "$(echo "$MIB / $tw" | bc -l)"
 printf '  %-26s %8.2f s %9.1f MiB/s\n' "pg_receivewal" "$tp" "$(echo "$MIB / $tp" | bc -l)"
 printf '  walfs / pg_receivewal: %.2fx\n' "$(echo "$tp / $tw" | bc -l)"
-echo "pgbench TPS (-c 4, ${TPS_SECONDS}s):"
+echo "pgbench TPS (-c 4, ${TPS_SECONDS}s, median of $ROUNDS alternating rounds; runs: walfs$W_RUNS, pg_receivewal$P_RUNS):"
 printf '  %-40s %10.1f\n' "no synchronous standby" "$T_ASYNC"
 printf '  %-40s %10.1f\n' "walfs receive --synchronous" "$T_WALFS"
 printf '  %-40s %10.1f\n' "pg_receivewal --synchronous" "$T_PGRW"

@@ -36,10 +36,17 @@ mod azure;
 pub mod chaos;
 mod mount;
 mod observe;
+mod receiver;
+mod zero_loss;
 pub use azure::AzuriteServer;
-pub use chaos::{ChaosConfig, ChaosEvent, ChaosProxy, Fault};
+pub use chaos::{ChaosConfig, ChaosEvent, ChaosProxy, Fault, XorShift};
 pub use mount::{is_mounted, FaultProxy, WalfsMount};
 pub use observe::{metric, scrape, NotifySocket};
+pub use receiver::{archived, assert_identical, wait_archived, walfs_cmd, Receiver};
+pub use zero_loss::{
+    archive_args, count_runs_sql, env_count, restore_through, seeded, serve_partial, sync_primary,
+    wait_sync, Committer, LossyFs, Watchdog,
+};
 
 /// The OS user PostgreSQL runs as (Debian's packages create it).
 pub const PG_USER: &str = "postgres";
@@ -1471,31 +1478,6 @@ fn build_real_wal(segsize_mb: u32, min_segments: usize, seq: usize) -> WalFixtur
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn xml_and_encoding() {
-        let xml =
-            "<R><Contents><Key>a/b&amp;c</Key></Contents><Contents><Key>d</Key></Contents></R>";
-        assert_eq!(
-            xml_values(xml, "Key"),
-            vec!["a/b&c".to_string(), "d".to_string()]
-        );
-        assert_eq!(encode_path("wal/0001 x+y"), "wal/0001%20x%2By");
-        assert_eq!(encode_query("a/b"), "a%2Fb");
-    }
-
-    #[test]
-    fn segment_names() {
-        assert!(is_wal_segment_name("000000010000000000000003"));
-        assert!(!is_wal_segment_name("000000010000000000000003.partial"));
-        assert!(!is_wal_segment_name("00000001000000000000000g"));
-        assert!(!is_wal_segment_name("00000002.history"));
-    }
-}
-
 /// For benchmarks and campaigns: `$WALFS_BIN`, or `cargo build --release --bin walfs` in this
 /// workspace, copied to `dir/walfs` (mode 0755) and exported as `$WALFS_BIN` for the harness.
 /// Returns the copy and where it came from (the commit, and whether `src/` had changes).
@@ -1583,4 +1565,29 @@ pub fn release_walfs(dir: &Path, say: &dyn Fn(&str)) -> (PathBuf, String) {
     // Single-threaded here: nothing else reads the environment yet.
     std::env::set_var("WALFS_BIN", &bin);
     (bin, source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_and_encoding() {
+        let xml =
+            "<R><Contents><Key>a/b&amp;c</Key></Contents><Contents><Key>d</Key></Contents></R>";
+        assert_eq!(
+            xml_values(xml, "Key"),
+            vec!["a/b&c".to_string(), "d".to_string()]
+        );
+        assert_eq!(encode_path("wal/0001 x+y"), "wal/0001%20x%2By");
+        assert_eq!(encode_query("a/b"), "a%2Fb");
+    }
+
+    #[test]
+    fn segment_names() {
+        assert!(is_wal_segment_name("000000010000000000000003"));
+        assert!(!is_wal_segment_name("000000010000000000000003.partial"));
+        assert!(!is_wal_segment_name("00000001000000000000000g"));
+        assert!(!is_wal_segment_name("00000002.history"));
+    }
 }

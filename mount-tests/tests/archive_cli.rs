@@ -722,8 +722,9 @@ fn fetch_never_says_absent_to_a_recovery_for_anything_but_absence() {
         run(&mut c)
     };
     let wrong = Target::local(&scratch.path().join("archiv"), None);
-    // (target, args, code for a recovery, for a standby, by hand)
-    let cases: Vec<(&Target, Vec<&str>, i32, i32, i32, &str)> = vec![
+    // (target, args, code for a recovery, for a standby, by hand, what)
+    type Case<'a> = (&'a Target, Vec<&'a str>, i32, i32, i32, &'a str);
+    let cases: Vec<Case> = vec![
         (
             &t,
             vec![seg.as_str(), "pg_wal/RECOVERYXLOG"],

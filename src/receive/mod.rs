@@ -19,7 +19,7 @@ pub mod tls;
 
 use crate::spool::Spool;
 use crate::store::snapshots::Snapshot;
-use crate::store::{Archive, Class, Error as StoreError};
+use crate::store::{Archive, Error as StoreError};
 use crate::wal::{ArchiveName, FileKind, Lsn, SegmentId, SegmentSize};
 use conn::{ConnError, ConnParams, ReplMessage, ReplicationConn};
 use futures::TryStreamExt;
@@ -74,8 +74,10 @@ fn spool_err(path: &Path) -> impl FnOnce(io::Error) -> ReceiveError + '_ {
     }
 }
 
-/// Writes the stream into segment files.
+/// Writes the stream into segment files. Its methods block on the disk (writes, fsyncs,
+/// renames): the streaming task runs them through [`off_async`].
 struct SegmentWriter {
+    spool: Arc<Spool>,
     size: SegmentSize,
     timeline: u32,
     current: Option<(u64, File)>,
@@ -84,8 +86,9 @@ struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    fn new(size: SegmentSize, timeline: u32, start: Lsn) -> SegmentWriter {
+    fn new(spool: Arc<Spool>, size: SegmentSize, timeline: u32, start: Lsn) -> SegmentWriter {
         SegmentWriter {
+            spool,
             size,
             timeline,
             current: None,
@@ -103,7 +106,7 @@ impl SegmentWriter {
     }
 
     /// Writes `data` at `start`; completed segments move to `ready/`. Returns whether any did.
-    fn write(&mut self, spool: &Spool, start: Lsn, data: &[u8]) -> io::Result<bool> {
+    fn write(&mut self, start: Lsn, data: &[u8]) -> io::Result<bool> {
         let seg = self.size.bytes();
         let mut pos = start.0;
         let mut rest = data;
@@ -112,10 +115,17 @@ impl SegmentWriter {
             let segno = pos / seg;
             let off = pos % seg;
             if self.current.as_ref().map(|c| c.0) != Some(segno) {
-                // A new segment (the previous one was completed, or this is the first).
-                let f = spool.open_current(&self.segment_name(segno))?;
-                preallocate(&f, seg)?;
+                // A new segment (the previous one was completed, or this is the first). Its
+                // file is the spare made in the background, when there is one; the next spare
+                // is made now, off the streaming path.
+                let (f, _) = self.spool.open_current(&self.segment_name(segno), seg)?;
                 self.current = Some((segno, f));
+                let spool = self.spool.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = spool.make_spare(seg) {
+                        tracing::warn!(error = %e, "making the next segment's file ahead failed; it will be made when needed");
+                    }
+                });
             }
             let n = rest.len().min((seg - off) as usize);
             if let Some((_, f)) = &self.current {
@@ -126,7 +136,7 @@ impl SegmentWriter {
             if pos % seg == 0 {
                 if let Some((segno, f)) = self.current.take() {
                     let name = self.segment_name(segno);
-                    spool.finish(&f, &name, &name)?;
+                    self.spool.finish(&f, &name, &name)?;
                     completed = true;
                     self.flushed = Lsn(pos);
                 }
@@ -146,13 +156,13 @@ impl SegmentWriter {
     }
 
     /// The end of a timeline: its last segment stays a `.partial`, ready for upload.
-    fn close_timeline(&mut self, spool: &Spool) -> io::Result<Option<ArchiveName>> {
+    fn close_timeline(&mut self) -> io::Result<Option<ArchiveName>> {
         let Some((segno, f)) = self.current.take() else {
             return Ok(None);
         };
         let name = self.segment_name(segno);
         let final_name = format!("{name}.partial");
-        spool.finish(&f, &name, &final_name)?;
+        self.spool.finish(&f, &name, &final_name)?;
         self.flushed = self.written;
         Ok(ArchiveName::parse(&final_name).ok())
     }
@@ -166,22 +176,16 @@ impl SegmentWriter {
     }
 }
 
-/// Fills a new segment file with zeros up to its full size, as pg_receivewal does: later
-/// fdatasyncs then write data only, not block allocations (a sparse file would make every
-/// synchronous commit wait for a metadata update).
-fn preallocate(f: &File, size: u64) -> io::Result<()> {
-    let have = f.metadata()?.len();
-    if have >= size {
-        return Ok(());
+/// Runs disk work that blocks (writes, fsyncs, renames) without stalling the runtime's other
+/// tasks: on a multi-threaded runtime the worker hands its queue to another thread while `f`
+/// runs on this one, so the streaming path pays no thread hop; elsewhere (unit tests) `f`
+/// simply runs.
+fn off_async<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
-    let zeros = vec![0u8; 1 << 20];
-    let mut at = have;
-    while at < size {
-        let n = zeros.len().min((size - at) as usize);
-        f.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    f.sync_all()
 }
 
 /// `16MB`, `1GB`, `1024kB` as SHOW wal_segment_size prints it.
@@ -297,6 +301,8 @@ pub struct Receiver {
     spool: Arc<Spool>,
     ready: Arc<Notify>,
     progress: Arc<Progress>,
+    /// The newest snapshot stored, so an unchanged segment is not uploaded again.
+    last_snapshot: Arc<std::sync::Mutex<Option<Snapshot>>>,
 }
 
 enum Ended {
@@ -312,6 +318,7 @@ impl Receiver {
             spool,
             ready: Arc::new(Notify::new()),
             progress: Arc::new(Progress::default()),
+            last_snapshot: Default::default(),
         })
     }
 
@@ -499,10 +506,12 @@ impl Receiver {
             if p.timeline() == tli || p.segment(size).ok().flatten().is_none() {
                 continue;
             }
-            let f = File::open(self.spool.current_path(&segment)).map_err(spool_err(dir))?;
-            self.spool
-                .finish(&f, &segment, &format!("{segment}.partial"))
-                .map_err(spool_err(dir))?;
+            off_async(|| {
+                let f = File::open(self.spool.current_path(&segment))?;
+                self.spool
+                    .finish(&f, &segment, &format!("{segment}.partial"))
+            })
+            .map_err(spool_err(dir))?;
             tracing::info!(name = %p, "kept as the old timeline's tail");
             self.ready.notify_one();
         }
@@ -529,8 +538,7 @@ impl Receiver {
             .ok_or_else(|| {
                 ReceiveError::Refused(format!("TIMELINE_HISTORY {tli} returned nothing"))
             })?;
-        self.spool
-            .put_ready(&name, content.as_bytes())
+        off_async(|| self.spool.put_ready(&name, content.as_bytes()))
             .map_err(spool_err(&self.opts.spool_dir))?;
         tracing::info!(%name, "timeline history received");
         self.ready.notify_one();
@@ -619,17 +627,18 @@ impl Receiver {
                 "START_REPLICATION {slot}PHYSICAL {start} TIMELINE {tli}"
             ))
             .await?;
-            let mut writer = SegmentWriter::new(size, tli, start);
+            let mut writer = SegmentWriter::new(self.spool.clone(), size, tli, start);
             self.progress.timeline.store(tli, Ordering::Relaxed);
-            match self
-                .stream_timeline(&mut conn, &mut writer, shutdown)
-                .await?
-            {
+            let streamed = self.stream_timeline(&mut conn, &mut writer, shutdown).await;
+            if !matches!(streamed, Ok(Some(()))) {
+                // The server is lost, or we stop: what we hold goes to the archive now.
+                self.snapshot_now(&mut writer).await;
+            }
+            match streamed? {
                 None => return Ok(Ended::Shutdown),
                 Some(()) => {
                     // End of the timeline: keep its last segment as .partial, then follow.
-                    if let Some(p) = writer
-                        .close_timeline(&self.spool)
+                    if let Some(p) = off_async(|| writer.close_timeline())
                         .map_err(spool_err(&self.opts.spool_dir))?
                     {
                         tracing::info!(name = %p, "timeline ended");
@@ -669,7 +678,7 @@ impl Receiver {
         let mut reported = Lsn(0);
         loop {
             if *shutdown.borrow() {
-                w.flush().map_err(io)?;
+                off_async(|| w.flush()).map_err(io)?;
                 let _ = conn.send_status(w.written, w.flushed, false).await;
                 return Ok(None);
             }
@@ -694,12 +703,20 @@ impl Receiver {
                             w.written
                         ))));
                     }
-                    if w.write(&self.spool, start, &data).map_err(io)? {
+                    // Synchronous: report as soon as nothing more is waiting.
+                    let sync_now = self.opts.synchronous && !conn.has_buffered();
+                    let completed = off_async(|| {
+                        let completed = w.write(start, &data)?;
+                        if sync_now {
+                            w.flush()?;
+                        }
+                        Ok(completed)
+                    })
+                    .map_err(io)?;
+                    if completed {
                         self.ready.notify_one();
                     }
-                    // Synchronous: report as soon as nothing more is waiting.
-                    if self.opts.synchronous && !conn.has_buffered() {
-                        w.flush().map_err(io)?;
+                    if sync_now {
                         reply = w.flushed != reported;
                     }
                 }
@@ -708,12 +725,12 @@ impl Receiver {
                     reply_requested: true,
                 }) => {
                     self.progress.server_at(end);
-                    w.flush().map_err(io)?;
+                    off_async(|| w.flush()).map_err(io)?;
                     reply = true;
                 }
                 Some(ReplMessage::Keepalive { end, .. }) => self.progress.server_at(end),
                 Some(ReplMessage::CopyDone) => {
-                    w.flush().map_err(io)?;
+                    off_async(|| w.flush()).map_err(io)?;
                     return Ok(Some(()));
                 }
                 None => {}
@@ -721,7 +738,7 @@ impl Receiver {
             self.progress.flushed_to(w.written, w.flushed);
             if reply || last_status.elapsed() >= self.opts.status_interval {
                 if !reply {
-                    w.flush().map_err(io)?;
+                    off_async(|| w.flush()).map_err(io)?;
                 }
                 conn.send_status(w.written, w.flushed, false).await?;
                 reported = w.flushed;
@@ -731,32 +748,76 @@ impl Receiver {
                 if last_partial_upload.elapsed() >= every {
                     last_partial_upload = Instant::now();
                     if let Some((segment, end)) = w.current_partial() {
-                        w.flush().map_err(io)?;
-                        self.upload_snapshot(&segment, end);
+                        off_async(|| w.flush()).map_err(io)?;
+                        tokio::spawn(self.put_snapshot(&segment, end));
                     }
                 }
             }
         }
     }
 
-    /// Uploads a snapshot of the segment being received (its first `end` bytes are WAL), in
-    /// the background: losing the receiver's disk then loses at most one interval.
-    fn upload_snapshot(&self, segment: &str, end: u64) {
+    /// Uploads a snapshot of the segment being received (its first `end` bytes are WAL,
+    /// fsynced): losing the receiver's disk then loses at most one interval. Nothing when
+    /// that snapshot is stored already.
+    fn put_snapshot(&self, segment: &str, end: u64) -> impl std::future::Future<Output = ()> {
         let path = self.spool.current_path(segment);
-        let archive = self.archive.clone();
-        let Ok(segment) = ArchiveName::parse(segment) else {
-            return;
-        };
-        tokio::spawn(async move {
+        let (archive, last) = (self.archive.clone(), self.last_snapshot.clone());
+        let snap = ArchiveName::parse(segment)
+            .ok()
+            .map(|segment| Snapshot { segment, end });
+        async move {
+            let Some(snap) = snap.filter(|s| s.end > 0) else {
+                return;
+            };
+            if lock(&last).as_ref() == Some(&snap) {
+                return;
+            }
             let Ok((file, len)) = crate::store::open_local(&path) else {
                 return; // completed and moved meanwhile
             };
-            let snap = Snapshot { segment, end };
-            if let Err(e) = archive.put_snapshot(&snap, file, len).await {
-                tracing::warn!(snapshot = %snap, error = %e, "uploading a snapshot failed");
+            match archive.put_snapshot(&snap, file, len).await {
+                Ok(()) => {
+                    tracing::debug!(snapshot = %snap, "snapshot stored");
+                    *lock(&last) = Some(snap);
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot = %snap, error = %e, "uploading a snapshot failed")
+                }
             }
-        });
+        }
     }
+
+    /// When the server is lost or the receiver stops: stores a snapshot of everything flushed
+    /// of the segment being received, so that a `--serve-partial` mount on any host restores
+    /// up to the last acknowledged commit (the failover procedure). Bounded in time: the
+    /// spool keeps the segment anyway.
+    async fn snapshot_now(&self, w: &mut SegmentWriter) {
+        if off_async(|| w.flush()).is_err() {
+            return;
+        }
+        if let Some((segment, end)) = w.current_partial() {
+            let upload = self.put_snapshot(&segment, end);
+            if tokio::time::timeout(Duration::from_secs(30), upload)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    segment,
+                    "storing the final snapshot timed out; the spool keeps it"
+                );
+            } else {
+                tracing::info!(
+                    segment,
+                    end,
+                    "snapshot of the segment being received stored"
+                );
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Archives one ready file: a timeline's last segment (`<segment>.partial`) as its final
@@ -790,6 +851,17 @@ async fn upload_one(
     Ok(())
 }
 
+/// Whether the archive refuses this one file for good: its content (another cluster's, not
+/// WAL), different bytes under its name, or an object under its name walfs cannot read.
+/// Failures of the whole archive (unreachable, misconfigured, a forged identity) are not:
+/// they are retried with the file staying first.
+fn refused_for_good(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Refused { .. } | StoreError::Conflict { .. } | StoreError::Unreadable { .. }
+    )
+}
+
 /// Uploads ready files in order; a file leaves the spool only once the archive has it. A file
 /// the archive refuses for good (another cluster's, different bytes already archived under
 /// its name) is set aside in `rejected/`, loudly, and the rest goes on; any other failure is
@@ -820,7 +892,7 @@ async fn upload_loop(
                         tracing::error!(%name, error = %e, "removing an uploaded file from the spool failed");
                     }
                 }
-                Err(e) if matches!(e.class(), Class::Refused | Class::Damaged) => {
+                Err(e) if refused_for_good(&e) => {
                     progress.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(%name, error = %e, path = %spool.dir().join("rejected").display(),
                         "the archive refuses this file for good: set aside, the uploads behind it go on");
@@ -853,5 +925,60 @@ async fn upload_loop(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed(), if !*stop.borrow() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::SealOptions;
+    use crate::store::test_segment;
+    use object_store::memory::InMemory;
+
+    /// A file the archive refuses for good goes to `rejected/`, counted, and the upload of
+    /// the file behind it is not held up.
+    #[tokio::test]
+    async fn a_refused_file_is_set_aside_and_the_rest_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(&dir.path().join("spool")).unwrap());
+        let archive = Arc::new(Archive::with_store(
+            Arc::new(InMemory::new()),
+            object_store::path::Path::from("p"),
+            "memory:///",
+            None,
+            SealOptions::default(),
+        ));
+        let seg = |n: &str| (ArchiveName::parse(n).unwrap(), test_segment(n, 7, 1 << 20));
+        let (first, data) = seg("000000010000000000000001");
+        archive.push(&first, data).await.unwrap();
+        // Another history under a name already archived: different bytes, refused for good.
+        let history = ArchiveName::parse("00000002.history").unwrap();
+        archive
+            .push(&history, bytes::Bytes::from_static(b"1\t0/1000000\tone\n"))
+            .await
+            .unwrap();
+        spool.put_ready(&history, b"1\t0/1800000\tother\n").unwrap();
+        let (next, data) = seg("000000010000000000000002");
+        spool.put_ready(&next, &data).unwrap();
+        let progress = Arc::new(Progress::default());
+        let (_stop, stopped) = watch::channel(true); // return once the spool is drained
+        let drained = upload_loop(
+            archive.clone(),
+            spool.clone(),
+            Arc::new(Notify::new()),
+            progress.clone(),
+            stopped,
+        );
+        tokio::time::timeout(Duration::from_secs(20), drained)
+            .await
+            .expect("the uploader kept retrying a file the archive refuses for good");
+        assert_eq!(spool.rejected().unwrap(), vec![history.clone()]);
+        assert!(spool.ready().unwrap().is_empty());
+        assert!(archive.header(&next).await.unwrap().is_some());
+        assert_eq!(progress.rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(progress.uploaded.load(Ordering::Relaxed), 1);
+        // The archived history is the first one still.
+        let kept = archive.fetch(&history).await.unwrap().unwrap();
+        assert_eq!(&kept[..], b"1\t0/1000000\tone\n");
     }
 }

@@ -12,13 +12,16 @@
 //! - Once a newer snapshot is stored, older ones of that segment go; once the segment itself
 //!   is archived, all of them go (and any a late upload leaves behind goes at the next
 //!   cleanup).
-//! - A timeline's last segment keeps its last snapshot (end = the switch point): the old
-//!   timeline's tail.
+//! - A timeline's last segment keeps one snapshot, the old timeline's tail, stored with
+//!   `<end>` = the segment size so that it sorts after every interval snapshot (its WAL ends
+//!   at the switch point the next timeline's history file gives).
 //! - `wal/<segment>.partial` is never written by the receiver: it is the name PostgreSQL's own
 //!   archiver gives the old timeline's last segment when a standby is promoted.
 //!
-//! Each snapshot is a full-size segment (zeros after `<end>`) sealed like any object, bound to
-//! its own name, and checked like a `.partial` file (page header, cluster, size).
+//! Each snapshot is a full-size segment sealed like any object, bound to its own name, and
+//! checked like a `.partial` file (page header, cluster, size). Its first `<end>` bytes were
+//! fsynced by the receiver; after them come zeros, or WAL that arrived while it was read
+//! (PostgreSQL stops replaying where the records stop being valid).
 
 use super::{Archive, Error, Obj, Plain};
 use crate::wal::{ArchiveName, FileKind};
