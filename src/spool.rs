@@ -78,6 +78,25 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Makes `dest` whole or not at all: `fill` writes `tmp` (created or emptied, private), which is
+/// fsynced and renamed to `dest`, whose directory is fsynced.
+fn durable_file(
+    tmp: &Path,
+    dest: &Path,
+    fill: impl FnOnce(&File) -> io::Result<()>,
+) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(tmp)?;
+    fill(&f)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, dest)?;
+    fsync_dir(dest.parent().unwrap_or(Path::new(".")))
+}
+
 /// Fills `f` with zeros up to `size` bytes and fsyncs it, as pg_receivewal does for a new
 /// segment: later fdatasyncs then write data only, not block allocations (a sparse file would
 /// make every synchronous commit wait for a metadata update).
@@ -232,18 +251,9 @@ impl Spool {
         {
             return Ok(());
         }
-        let made = (|| {
-            let tmp = self.current.join(SPARE_TMP);
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(FILE_MODE)
-                .open(&tmp)?;
-            zero_fill(&f, size)?;
-            std::fs::rename(&tmp, &spare)?;
-            fsync_dir(&self.current)
-        })();
+        let made = durable_file(&self.current.join(SPARE_TMP), &spare, |f| {
+            zero_fill(f, size)
+        });
         self.making_spare.store(false, Ordering::Release);
         made
     }
@@ -251,16 +261,7 @@ impl Spool {
     /// Writes a whole file into `ready/` durably (a history file the server sent).
     pub fn put_ready(&self, name: &ArchiveName, data: &[u8]) -> io::Result<()> {
         let tmp = self.ready.join(format!(".{name}.tmp"));
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        f.write_all_at(data, 0)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.ready_path(name))?;
-        fsync_dir(&self.ready)
+        durable_file(&tmp, &self.ready_path(name), |f| f.write_all_at(data, 0))
     }
 
     /// Moves a finished `current/<segment>.partial` to `ready/` under `final_name`.

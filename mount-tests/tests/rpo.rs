@@ -130,12 +130,9 @@ fn fifty_kill_dash_nine_cycles_under_load_leave_the_archive_whole() {
     r.stop();
     pg.wait_archived_upto(&last);
     let n = assert_identical(&archive, &server_archive, &last, scratch.path());
-    let verify = run(&mut walfs_cmd(&archive, &["verify"]));
-    assert!(
-        verify.status.success(),
-        "walfs verify after the crash loop (WALFS_RPO_SEED={seed}):\n{}{}",
-        stdout_str(&verify),
-        stderr_str(&verify)
+    assert_verifies(
+        &archive,
+        &format!("after the crash loop (WALFS_RPO_SEED={seed})"),
     );
     eprintln!(
         "{cycles} kill -9 cycles in {loop_time:?} survived: {n} segments byte-identical to the server's archive, verify clean"
@@ -249,13 +246,7 @@ fn a_failover_through_the_archive_loses_no_acknowledged_commit() {
         snaps.lines().any(|l| l.starts_with("receiver/00000001")),
         "no tail snapshot of timeline 1: {snaps:?}"
     );
-    let verify = run(&mut walfs_cmd(&archive, &["verify"]));
-    assert!(
-        verify.status.success(),
-        "walfs verify:\n{}{}",
-        stdout_str(&verify),
-        stderr_str(&verify)
-    );
+    assert_verifies(&archive, "");
     // Nothing acknowledged is lost: on B, and restoring A's old base backup through both
     // timelines from the archive alone.
     let runs = [(first, acked), (first2, acked2)];
@@ -370,13 +361,7 @@ fn the_receiver_follows_a_standby_promoted_behind_it() {
         b.log_tail(40),
         mount_b.log_tail(20)
     );
-    let verify = run(&mut walfs_cmd(&archive, &["verify"]));
-    assert!(
-        verify.status.success(),
-        "walfs verify:\n{}{}",
-        stdout_str(&verify),
-        stderr_str(&verify)
-    );
+    assert_verifies(&archive, "");
 }
 
 /// The segment `n` after `name` on the same timeline (1 MiB segments: the low 8 hex digits
@@ -386,4 +371,15 @@ fn bump(name: &str, n: u64) -> String {
     let seg = u64::from_str_radix(&name[16..24], 16).unwrap();
     let total = log * 4096 + seg + n;
     format!("{}{:08X}{:08X}", &name[..8], total / 4096, total % 4096)
+}
+
+/// `walfs verify` of the archive passes (`when` says at which point, for the message).
+fn assert_verifies(archive: &std::path::Path, when: &str) {
+    let verify = run(&mut walfs_cmd(archive, &["verify"]));
+    assert!(
+        verify.status.success(),
+        "walfs verify {when}:\n{}{}",
+        stdout_str(&verify),
+        stderr_str(&verify)
+    );
 }

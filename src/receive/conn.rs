@@ -633,12 +633,29 @@ impl ReplicationConn {
     }
 
     /// Whether a whole message is already buffered (more WAL is waiting to be processed).
-    pub fn has_buffered(&self) -> bool {
+    fn has_buffered(&self) -> bool {
         self.buf.len() >= 5 && {
             let len =
                 u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
             self.buf.len() > len
         }
+    }
+
+    /// Whether more of the stream is waiting: a whole message already buffered, or, after one
+    /// read of the socket that does not wait (pg_receivewal's PQconsumeInput before it
+    /// flushes), a whole message now. A synchronous receiver fsyncs and reports only when
+    /// nothing is waiting, so one fsync covers every commit that arrived together.
+    pub fn more_waiting(&mut self) -> Result<bool, ConnError> {
+        use futures::FutureExt;
+        if self.has_buffered() {
+            return Ok(true);
+        }
+        self.buf.reserve(8192);
+        // Ok(0), the end of the stream, is left for the next read to report.
+        if let Some(Err(e)) = self.stream.read_buf(&mut self.buf).now_or_never() {
+            return Err(ConnError::Io(e));
+        }
+        Ok(self.has_buffered())
     }
 
     /// The next message of the replication stream, or None when `wait` passed without one.

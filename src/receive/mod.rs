@@ -704,7 +704,7 @@ impl Receiver {
                         ))));
                     }
                     // Synchronous: report as soon as nothing more is waiting.
-                    let sync_now = self.opts.synchronous && !conn.has_buffered();
+                    let sync_now = self.opts.synchronous && !conn.more_waiting()?;
                     let completed = off_async(|| {
                         let completed = w.write(start, &data)?;
                         if sync_now {

@@ -1098,13 +1098,20 @@ impl Archive {
         file: std::fs::File,
         size: Option<u64>,
     ) -> Result<Option<u64>, Error> {
+        self.fetch_obj_into(&self.obj(name), size, file).await
+    }
+
+    /// Writes `obj`'s verified plaintext into `file`; its length, or None when absent.
+    async fn fetch_obj_into(
+        &self,
+        obj: &Obj,
+        size: Option<u64>,
+        file: std::fs::File,
+    ) -> Result<Option<u64>, Error> {
         let sink = Box::new(move |at: u64, data: &[u8]| {
             std::os::unix::fs::FileExt::write_all_at(&file, data, at)
         });
-        Ok(self
-            .open_object(&self.obj(name), size, sink)
-            .await?
-            .map(|(_, len)| len))
+        Ok(self.open_object(obj, size, sink).await?.map(|(_, len)| len))
     }
 
     /// The object's header (one small ranged read), or None when authoritatively absent. The

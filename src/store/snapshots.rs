@@ -138,13 +138,7 @@ impl Archive {
         s: &Snapshot,
         file: std::fs::File,
     ) -> Result<Option<u64>, Error> {
-        let sink = Box::new(move |at: u64, data: &[u8]| {
-            std::os::unix::fs::FileExt::write_all_at(&file, data, at)
-        });
-        Ok(self
-            .open_object(&self.snapshot_obj(s), None, sink)
-            .await?
-            .map(|(_, len)| len))
+        self.fetch_obj_into(&self.snapshot_obj(s), None, file).await
     }
 
     /// Deletes snapshots (gone already counts as deleted).
