@@ -3,6 +3,7 @@
 //! Data flows one way: `cli`/`fuse` → `fs` → `cache` → `store` → `envelope`; `wal` is
 //! vocabulary shared by all, `restore` and `caller` decide what a failed read means.
 
+pub mod backup;
 pub mod cache;
 pub mod caller;
 pub mod cli;

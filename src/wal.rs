@@ -24,6 +24,20 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// As PostgreSQL writes it, `0/2000028`.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::str::FromStr for Lsn {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod assets;
+mod backup;
 mod mount;
 mod ops;
 
@@ -126,6 +127,12 @@ enum Command {
     /// Stream WAL from a server over replication (pg_receivewal semantics) into the spool and
     /// the archive; runs until SIGINT or SIGTERM
     Receive(ReceiveArgs),
+    /// Take a base backup over replication (BASE_BACKUP) into the archive, checked against
+    /// the server's manifest; `walfs backup list` lists them
+    Backup(backup::BackupArgs),
+    /// Restore a base backup into an empty data directory, set to recover from the archive
+    /// (to its end, or to --target-time/-lsn/-name)
+    Restore(backup::RestoreArgs),
     /// Check the archive: per timeline the ranges present and every gap; --deep also opens
     /// and authenticates every object. Exit 0 whole, 1 gaps, 4 damaged
     Verify {
@@ -438,6 +445,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
         } => ops::import(&settings, &dir, usize::from(concurrency), json).await,
         Command::Receive(args) => receive(&settings, &args).await,
+        Command::Backup(args) => backup::run(&settings, &args).await,
+        Command::Restore(args) => backup::restore(&settings, &args).await,
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// A progress bar on stderr, drawn only when stderr is a terminal.
-fn bar(len: u64, what: &str, bytes: bool) -> ProgressBar {
+pub(super) fn bar(len: u64, what: &str, bytes: bool) -> ProgressBar {
     let pb = ProgressBar::new(len);
     let template = if bytes {
         "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}"

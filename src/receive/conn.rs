@@ -334,6 +334,21 @@ pub enum ReplMessage {
 /// The text rows of a query result.
 pub type Rows = Vec<Vec<Option<String>>>;
 
+/// One part of a command's answer.
+#[derive(Debug)]
+pub enum QueryEvent {
+    /// A result set ended (CommandComplete): its rows, none for a command without any.
+    Rows(Rows),
+    /// A COPY out begins.
+    CopyStart,
+    /// One CopyData message's body.
+    Data(Bytes),
+    /// The COPY ended.
+    CopyDone,
+    /// The command is over (ReadyForQuery).
+    Ready,
+}
+
 pub struct ReplicationConn {
     stream: Box<dyn Stream>,
     buf: BytesMut,
@@ -347,6 +362,18 @@ fn pg_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     (now.as_micros() as i64) - (PG_EPOCH_OFFSET as i64) * 1_000_000
+}
+
+/// What a notice says, in one line.
+fn server_error_text(body: &backend::NoticeResponseBody) -> String {
+    let mut message = String::new();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        if f.type_() == b'M' {
+            message = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        }
+    }
+    message
 }
 
 fn server_error(body: &backend::ErrorResponseBody) -> ConnError {
@@ -600,6 +627,51 @@ impl ReplicationConn {
                     return Err(ConnError::Protocol(format!("{sql}: unexpected CopyBoth")))
                 }
                 Msg::Backend(_) => {}
+            }
+        }
+    }
+
+    /// Sends a command whose answer is read with [`ReplicationConn::next_event`] (BASE_BACKUP:
+    /// result sets, then a COPY out of archive data, then more result sets).
+    pub async fn send_query(&mut self, sql: &str) -> Result<(), ConnError> {
+        frontend::query(sql, &mut self.out)?;
+        self.send().await
+    }
+
+    /// The next part of the answer to [`ReplicationConn::send_query`]. A server error ends
+    /// the command: it is returned once the server is ready again.
+    pub async fn next_event(&mut self) -> Result<QueryEvent, ConnError> {
+        let mut rows = Vec::new();
+        loop {
+            match self.recv().await? {
+                Msg::Backend(backend::Message::RowDescription(_)) => rows.clear(),
+                Msg::Backend(backend::Message::DataRow(row)) => rows.push(data_row(&row)?),
+                Msg::Backend(backend::Message::CommandComplete(_)) => {
+                    return Ok(QueryEvent::Rows(std::mem::take(&mut rows)))
+                }
+                Msg::Backend(backend::Message::CopyOutResponse(_)) => {
+                    return Ok(QueryEvent::CopyStart)
+                }
+                Msg::Backend(backend::Message::CopyData(body)) => {
+                    return Ok(QueryEvent::Data(body.into_bytes()))
+                }
+                Msg::Backend(backend::Message::CopyDone) => return Ok(QueryEvent::CopyDone),
+                Msg::Backend(backend::Message::ReadyForQuery(_)) => return Ok(QueryEvent::Ready),
+                Msg::Backend(backend::Message::ErrorResponse(body)) => {
+                    let e = server_error(&body);
+                    while !matches!(
+                        self.recv().await?,
+                        Msg::Backend(backend::Message::ReadyForQuery(_))
+                    ) {}
+                    return Err(e);
+                }
+                Msg::Backend(backend::Message::NoticeResponse(body)) => {
+                    tracing::info!("server: {}", server_error_text(&body));
+                }
+                Msg::Backend(_) => {}
+                Msg::CopyBoth => {
+                    return Err(ConnError::Protocol("unexpected CopyBoth".into()));
+                }
             }
         }
     }

@@ -189,7 +189,7 @@ fn off_async<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// `16MB`, `1GB`, `1024kB` as SHOW wal_segment_size prints it.
-fn parse_pg_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_pg_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..split].parse().ok()?;

@@ -1042,6 +1042,11 @@ impl Archive {
     }
 
     async fn fetch_inner(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
+        self.fetch_obj(&self.obj(name)).await
+    }
+
+    /// `obj`'s verified plaintext in memory; None when it is absent.
+    async fn fetch_obj(&self, obj: &Obj) -> Result<Option<Vec<u8>>, Error> {
         let out = Arc::new(std::sync::Mutex::new(Vec::new()));
         let o = out.clone();
         let sink = Box::new(move |at: u64, data: &[u8]| {
@@ -1054,7 +1059,7 @@ impl Archive {
             Ok(())
         });
         Ok(self
-            .open_object(&self.obj(name), None, sink)
+            .open_object(obj, None, sink)
             .await?
             .map(|_| std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))))
     }
@@ -1207,6 +1212,7 @@ impl Archive {
 }
 
 mod backend;
+pub mod backups;
 pub mod faults;
 pub mod snapshots;
 

@@ -1,0 +1,346 @@
+//! `walfs backup`, `walfs backup list` and `walfs restore` against real PostgreSQL: a backup
+//! taken under pgbench load with a tablespace, restored to the end of the archive and to a
+//! restore point and compared with the source's state at that point; a backup killed
+//! mid-stream is never usable; a damaged chunk fails the restore loudly and leaves a
+//! directory PostgreSQL refuses to start.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use walfs_mount_tests::*;
+
+/// What the source holds: pgbench's tables and the table in the tablespace.
+const FINGERPRINT: &str = "select (select count(*) from pgbench_history) || ':' || \
+     (select sum(abalance) from pgbench_accounts) || ':' || (select count(*) from in_ts) || ':' || \
+     (select coalesce(sum(i), 0) from in_ts)";
+
+/// A primary archiving with `walfs push` into a keyed local archive; everything owned by
+/// postgres, which runs walfs here as in a real deployment.
+struct Setup {
+    scratch: tempfile::TempDir,
+    bin: PathBuf,
+    key: PathBuf,
+    archive: PathBuf,
+    tablespace: PathBuf,
+    primary: Postgres,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Setup {
+        let scratch = scratch_dir(tag);
+        let bin = scratch.path().join("walfs");
+        std::fs::copy(walfs_bin(), &bin).expect("copy walfs");
+        let key = keygen(&scratch.path().join("keys"));
+        let archive = scratch.path().join("archive");
+        std::fs::create_dir_all(&archive).expect("archive dir");
+        chown_postgres(&key);
+        chown_postgres(&archive);
+        let tablespace = scratch.path().join("ts");
+        std::fs::create_dir_all(&tablespace).expect("tablespace dir");
+        chown_postgres(&tablespace);
+        let primary = Postgres::init(
+            &scratch.path().join("primary"),
+            InitOptions {
+                wal_segsize_mb: 1,
+                ..Default::default()
+            },
+        );
+        let s = Setup {
+            scratch,
+            bin,
+            key,
+            archive,
+            tablespace,
+            primary: {
+                primary.set_conf("archive_mode = on");
+                primary
+            },
+        };
+        s.primary
+            .set_conf(&format!("archive_command = '{} push %p'", s.walfs_prefix()));
+        s
+    }
+
+    fn walfs_prefix(&self) -> String {
+        format!(
+            "{} --config /dev/null --archive file://{} --key-file {}",
+            self.bin.display(),
+            self.archive.display(),
+            self.key.display()
+        )
+    }
+
+    /// walfs with this archive and key, as postgres.
+    fn walfs(&self, args: &[&str]) -> Command {
+        let mut c = as_postgres(&self.bin);
+        self.walfs_args(&mut c);
+        c.args(args);
+        c
+    }
+
+    /// walfs with this archive and key, as root (to be killed by PID; what root creates in a
+    /// local archive, postgres cannot write into).
+    fn walfs_root(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        self.walfs_args(&mut c);
+        c.args(args);
+        c
+    }
+
+    fn walfs_args(&self, c: &mut Command) {
+        c.args(["--config", "/dev/null", "--archive"])
+            .arg(format!("file://{}", self.archive.display()))
+            .arg("--key-file")
+            .arg(&self.key);
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host={} port={} user=postgres",
+            self.primary.socket_dir().display(),
+            self.primary.port()
+        )
+    }
+
+    fn list(&self) -> serde_json::Value {
+        let out = sh_ok(&mut self.walfs(&["backup", "list", "--json"]));
+        serde_json::from_slice(&out.stdout).expect("backup list --json is JSON")
+    }
+
+    /// A directory for a restored cluster: `dir/data` (not created) and `dir/ts`.
+    fn restore_dir(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.scratch.path().join(name);
+        std::fs::create_dir_all(&dir).expect("restore dir");
+        chown_postgres(&dir);
+        (dir.clone(), dir.join("data"), dir.join("ts"))
+    }
+
+    /// `walfs restore` as postgres, then the server started and its recovery waited out.
+    fn restore_and_start(&self, name: &str, extra: &[&str]) -> Postgres {
+        let (dir, data, ts) = self.restore_dir(name);
+        let map = format!("{}={}", self.tablespace.display(), ts.display());
+        let mut args = vec!["restore", data.to_str().expect("utf-8 path"), "-T", &map];
+        args.extend_from_slice(extra);
+        let out = sh_ok(&mut self.walfs(&args));
+        assert!(
+            stdout_str(&out).contains("restored backup"),
+            "{}",
+            stdout_str(&out)
+        );
+        let mut pg = Postgres::existing(&dir, &data);
+        pg.start();
+        pg.wait_recovery_done(Duration::from_secs(120));
+        pg
+    }
+}
+
+fn start_load(pg: &Postgres, seconds: u32) -> std::process::Child {
+    as_postgres(pg_bin("pgbench"))
+        .args(["-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port().to_string(), "-U", "postgres"])
+        .args(["-c", "2", "-T", &seconds.to_string(), "postgres"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pgbench")
+}
+
+#[test]
+fn a_backup_under_load_restores_to_the_end_and_to_a_restore_point() {
+    let mut s = Setup::new("backup-load");
+    s.primary.start();
+    s.primary.pgbench(&["-i", "-s", "3"]);
+    s.primary.psql(&format!(
+        "create tablespace ts location '{}'",
+        s.tablespace.display()
+    ));
+    s.primary
+        .psql("create table in_ts (i int) tablespace ts; insert into in_ts select generate_series(1, 1000)");
+    let mut load = start_load(&s.primary, 8);
+    let out = sh_ok(&mut s.walfs(&["backup", "-d", &s.conninfo(), "--chunk-size", "1MiB"]));
+    assert!(
+        stdout_str(&out).contains("complete"),
+        "{}",
+        stdout_str(&out)
+    );
+    assert!(load.wait().expect("pgbench").success(), "pgbench failed");
+
+    // A restore point, then more work after it.
+    s.primary
+        .psql("insert into in_ts select generate_series(1, 500)");
+    s.primary.psql("select pg_create_restore_point('walfs_rp')");
+    let at_point = s.primary.psql(FINGERPRINT);
+    // A time between the restore point and what follows, a whole second clear of both.
+    std::thread::sleep(Duration::from_millis(1500));
+    let at_time = s
+        .primary
+        .psql("select to_char(now() at time zone 'utc', 'YYYY-MM-DD HH24:MI:SS')");
+    std::thread::sleep(Duration::from_millis(1500));
+    s.primary.pgbench(&["-c", "2", "-t", "200"]);
+    s.primary
+        .psql("insert into in_ts select generate_series(1, 700)");
+    let at_end = s.primary.psql(FINGERPRINT);
+    assert_ne!(at_point, at_end);
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived_upto(&last);
+
+    let listed = s.list();
+    let backups = listed.as_array().expect("an array");
+    assert_eq!(backups.len(), 1, "{listed:#}");
+    let b = &backups[0];
+    assert_eq!(b["complete"], true, "{b:#}");
+    assert_eq!(b["missing_wal"].as_array().map(Vec::len), Some(0), "{b:#}");
+    let archives = b["record"]["archives"].as_array().expect("archives");
+    assert_eq!(archives.len(), 2, "base.tar and the tablespace: {b:#}");
+    assert!(
+        b["record"]["archives"][0]["chunks"].as_u64() > Some(1)
+            || b["record"]["archives"][1]["chunks"].as_u64() > Some(1),
+        "1 MiB chunks: the data directory spans several: {b:#}"
+    );
+    let text = stdout_str(&sh_ok(&mut s.walfs(&["backup", "list"])));
+    assert!(text.contains("WAL present"), "{text}");
+    s.primary.stop();
+
+    let end = s.restore_and_start("to-end", &[]);
+    assert_eq!(end.psql(FINGERPRINT), at_end, "restored to the end");
+    drop(end);
+    let point = s.restore_and_start("to-point", &["--target-name", "walfs_rp"]);
+    assert_eq!(
+        point.psql(FINGERPRINT),
+        at_point,
+        "restored to the restore point"
+    );
+    drop(point);
+    let time = s.restore_and_start("to-time", &["--target-time", &at_time]);
+    assert_eq!(
+        time.psql(FINGERPRINT),
+        at_point,
+        "restored to {at_time} UTC"
+    );
+}
+
+#[test]
+fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() {
+    let mut s = Setup::new("backup-bad");
+    s.primary.start();
+    s.primary.pgbench(&["-i", "-s", "2"]);
+    s.primary.psql(&format!(
+        "create tablespace ts location '{}'",
+        s.tablespace.display()
+    ));
+    s.primary
+        .psql("create table in_ts (i int) tablespace ts; insert into in_ts select 1");
+
+    // Killed mid-stream: slowed to 1 MiB/s, killed once its first chunks are stored.
+    let mut child = s
+        .walfs_root(&[
+            "backup",
+            "-d",
+            &s.conninfo(),
+            "--chunk-size",
+            "256KiB",
+            "--max-rate",
+            "1MiB",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start walfs backup");
+    let backups_dir = s.archive.join("backups");
+    let started = poll_until(Duration::from_secs(60), || {
+        std::fs::read_dir(&backups_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read_dir(d.path())
+                    .map(|f| f.count() >= 2)
+                    .unwrap_or(false)
+            })
+    });
+    let still_running = child.try_wait().expect("try_wait").is_none();
+    child.kill().expect("kill -9 the backup");
+    let _ = child.wait();
+    assert!(started, "no chunk stored within 60 s");
+    assert!(still_running, "the backup ended before it could be killed");
+    let listed = s.list();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed:#}");
+    assert_eq!(listed[0]["complete"], false, "{listed:#}");
+    let name = listed[0]["name"].as_str().expect("name").to_string();
+    let text = stdout_str(&sh_ok(&mut s.walfs(&["backup", "list"])));
+    assert!(text.contains("INCOMPLETE"), "{text}");
+    let (_, data, _) = s.restore_dir("from-incomplete");
+    let out = sh_fails(&mut s.walfs(&["restore", data.to_str().unwrap(), "--backup", &name]));
+    assert!(
+        stderr_str(&out).contains("incomplete"),
+        "{}",
+        stderr_str(&out)
+    );
+    let out = sh_fails(&mut s.walfs(&["restore", data.to_str().unwrap()]));
+    assert!(
+        stderr_str(&out).contains("no complete backup"),
+        "{}",
+        stderr_str(&out)
+    );
+
+    // A complete backup with one chunk damaged in the bucket.
+    sh_ok(&mut s.walfs_root(&["backup", "-d", &s.conninfo(), "--chunk-size", "256KiB"]));
+    let listed = s.list();
+    let good = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["complete"] == true))
+        .expect("a complete backup");
+    let good_name = good["name"].as_str().expect("name");
+    let chunk = s
+        .archive
+        .join("backups")
+        .join(good_name)
+        .join("base.tar.000002");
+    let mut bytes = std::fs::read(&chunk).expect("read a chunk");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&chunk, &bytes).expect("damage a chunk");
+    let (_, data, ts) = s.restore_dir("from-damaged");
+    let map = format!("{}={}", s.tablespace.display(), ts.display());
+    // As root, into directories made for postgres: what it restores is postgres's.
+    let out = sh_fails(&mut s.walfs_root(&[
+        "restore",
+        data.to_str().unwrap(),
+        "--backup",
+        good_name,
+        "-T",
+        &map,
+    ]));
+    let err = stderr_str(&out);
+    assert!(
+        err.contains("base.tar") && err.contains("incomplete"),
+        "the failure names the archive and says the directory is incomplete: {err}"
+    );
+    assert!(
+        !data.join("global/pg_control").exists(),
+        "a failed restore must not leave pg_control behind"
+    );
+    assert!(!data.join("recovery.signal").exists());
+    assert_eq!(out.status.code(), Some(4), "damage exits 4: {err}");
+
+    // A forged or damaged record: that backup is listed as damaged and never chosen.
+    let record = s
+        .archive
+        .join("backups")
+        .join(good_name)
+        .join("backup.json");
+    let mut bytes = std::fs::read(&record).expect("read the record");
+    let at = bytes.len() - 20;
+    bytes[at] ^= 1;
+    std::fs::write(&record, &bytes).expect("damage the record");
+    let text = stdout_str(&sh_ok(&mut s.walfs(&["backup", "list"])));
+    assert!(text.contains("DAMAGED"), "{text}");
+    let (_, data, _) = s.restore_dir("from-damaged-record");
+    let out = sh_fails(&mut s.walfs(&["restore", data.to_str().unwrap()]));
+    assert!(
+        stderr_str(&out).contains("no complete backup"),
+        "{}",
+        stderr_str(&out)
+    );
+}
