@@ -66,6 +66,16 @@ fn describe() {
         Unit::Seconds,
         "Seconds since this process last archived a segment"
     );
+    describe_gauge!(
+        "walfs_backup_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "When the newest complete base backup in the archive finished (Unix time; read every 5 min)"
+    );
+    describe_gauge!(
+        "walfs_backup_newest_age_seconds",
+        Unit::Seconds,
+        "Seconds since the newest complete base backup in the archive finished"
+    );
     describe_counter!(
         "walfs_mount_requests_total",
         "Filesystem requests served by the mount, by op"

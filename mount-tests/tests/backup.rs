@@ -94,6 +94,19 @@ impl Setup {
             .arg(&self.key);
     }
 
+    /// `walfs backup` as postgres.
+    fn take(&self, conninfo: &str) {
+        sh_ok(&mut self.walfs(&["backup", "-d", conninfo]));
+    }
+
+    /// The names in the archive (`walfs ls`).
+    fn archived(&self) -> Vec<String> {
+        stdout_str(&sh_ok(&mut self.walfs(&["ls"])))
+            .lines()
+            .filter_map(|l| l.split('\t').next().map(str::to_string))
+            .collect()
+    }
+
     fn conninfo(&self) -> String {
         format!(
             "host={} port={} user=postgres",
@@ -292,6 +305,29 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
         .and_then(|a| a.iter().find(|b| b["complete"] == true))
         .expect("a complete backup");
     let good_name = good["name"].as_str().expect("name");
+
+    // A mount's /metrics says how old the newest backup is (what an alert watches).
+    let port = free_port();
+    let mut mount = WalfsMount::start_with(
+        &s.scratch.path().join("m"),
+        &local_args(&s.archive, Some(&s.key)),
+        &[
+            "--read-only".into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    let mut age = None;
+    poll_until(Duration::from_secs(30), || {
+        age = scrape(port).and_then(|t| metric(&t, "walfs_backup_newest_age_seconds"));
+        age.is_some()
+    });
+    mount.stop();
+    assert!(
+        age.is_some_and(|a| (0.0..600.0).contains(&a)),
+        "walfs_backup_newest_age_seconds: {age:?}"
+    );
     let chunk = s
         .archive
         .join("backups")
@@ -342,5 +378,136 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
         stderr_str(&out).contains("no complete backup"),
         "{}",
         stderr_str(&out)
+    );
+}
+
+/// The segment number of an archive name (`TTTTTTTTXXXXXXXXYYYYYYYY…`) with 1 MiB segments.
+fn segno_1mib(name: &str) -> Option<u64> {
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+    if name.len() < 24 || name.ends_with(".history") {
+        return None;
+    }
+    Some(hex(&name[8..16])? * 4096 + hex(&name[16..24])?)
+}
+
+#[test]
+fn retention_by_backup_keeps_what_kept_backups_need_across_two_timelines() {
+    let mut s = Setup::new("backup-retain");
+    s.primary.start();
+    s.primary.pgbench(&["-i", "-s", "1"]);
+    s.primary.psql(&format!(
+        "create tablespace ts location '{}'",
+        s.tablespace.display()
+    ));
+    s.primary.psql("create table in_ts (i int) tablespace ts");
+    s.take(&s.conninfo());
+    s.primary.pgbench(&["-c", "2", "-t", "300"]);
+    s.take(&s.conninfo());
+    s.primary.pgbench(&["-c", "2", "-t", "100"]);
+    s.primary.psql("select pg_create_restore_point('fork')");
+    s.primary.pgbench(&["-c", "2", "-t", "100"]);
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived_upto(&last);
+    s.primary.stop();
+    let listed = s.list();
+    let names: Vec<String> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|b| b["name"].as_str().expect("name").to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "{listed:#}");
+    let (a, b) = (names[0].clone(), names[1].clone());
+
+    // Timeline 2: backup B restored to the restore point, promoted, archiving into the
+    // same archive; a third backup taken there.
+    let mut tl2 = s.restore_and_start(
+        "tl2",
+        &["--backup", &b, "--target-name", "fork", "--keep-archiving"],
+    );
+    tl2.pgbench(&["-c", "2", "-t", "200"]);
+    let tl2_conn = format!(
+        "host={} port={} user=postgres",
+        tl2.socket_dir().display(),
+        tl2.port()
+    );
+    s.take(&tl2_conn);
+    tl2.pgbench(&["-c", "2", "-t", "200"]);
+    let at_end = tl2.psql(FINGERPRINT);
+    let last = tl2.switch_wal();
+    tl2.wait_archived_upto(&last);
+    assert!(last.starts_with("00000002"), "{last}");
+    tl2.stop();
+
+    // Keep the newest two: A goes, and exactly the WAL before B's start.
+    let dry = sh_ok(&mut s.walfs(&["delete", "--retain", "2", "--json"]));
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).expect("json");
+    assert_eq!(
+        plan["backups"]["delete"],
+        serde_json::json!([a]),
+        "{plan:#}"
+    );
+    let b_start = s.list()[1]["record"]["start_lsn"]
+        .as_str()
+        .expect("start")
+        .to_string();
+    let (hi, lo) = b_start.split_once('/').expect("lsn");
+    let cut =
+        ((u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()) >> 20;
+    let deleted: Vec<String> = plan["wal"]["delete"]
+        .as_array()
+        .expect("delete")
+        .iter()
+        .map(|v| v.as_str().expect("name").to_string())
+        .collect();
+    assert!(!deleted.is_empty(), "{plan:#}");
+    for d in &deleted {
+        assert!(
+            segno_1mib(d).is_some_and(|n| n < cut),
+            "{d} is at or after B's start (segment {cut})"
+        );
+    }
+    let before: Vec<String> = s.archived();
+    sh_ok(&mut s.walfs(&["delete", "--retain", "2", "--confirm"]));
+    let after = s.archived();
+    for name in &before {
+        let gone = !after.contains(name);
+        let should_go = segno_1mib(name).is_some_and(|n| n < cut);
+        assert_eq!(
+            gone, should_go,
+            "{name}: deleted {gone}, before the cut {should_go}"
+        );
+    }
+    assert!(after.iter().any(|n| n == "00000002.history"));
+    let listed = s.list();
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|b| b["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names.len(), 2, "{listed:#}");
+    assert!(!names.contains(&a.as_str()));
+    for l in listed.as_array().expect("array") {
+        assert_eq!(l["missing_wal"], serde_json::json!([]), "{l:#}");
+    }
+    sh_ok(&mut s.walfs(&["verify"]));
+    // B still restores, across the fork, to where timeline 2 ended.
+    let again = s.restore_and_start("b-again", &["--backup", &b]);
+    assert_eq!(
+        again.psql(FINGERPRINT),
+        at_end,
+        "B restored through timeline 2"
+    );
+
+    // A segment B needs goes missing: verify says which backup lacks WAL.
+    let first_needed = format!("00000001{:08X}{:08X}", cut / 4096, cut % 4096);
+    std::fs::remove_file(s.archive.join("wal").join(&first_needed)).expect("remove a segment");
+    let out = sh_fails(&mut s.walfs(&["verify"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_str(&out));
+    assert!(
+        stdout_str(&out).contains(&format!("backup {b}: WAL MISSING")),
+        "{}",
+        stdout_str(&out)
     );
 }

@@ -21,6 +21,7 @@
 
 pub mod manifest;
 pub mod restore;
+pub mod retain;
 
 use crate::receive::conn::{ConnError, ConnParams, QueryEvent, ReplicationConn};
 use crate::store::{Archive, Error as StoreError};
@@ -602,6 +603,25 @@ pub async fn read_record(
         return Err(protocol(format!("{name}/{RECORD} names backup {}", r.name)));
     }
     Ok(Some(r))
+}
+
+/// When the newest complete backup finished (Unix seconds), or None when there is none. Reads
+/// the records only (one small object each), not the WAL they need.
+pub async fn newest_finished(archive: &Archive) -> Result<Option<i64>, BackupError> {
+    let mut newest = None;
+    for (name, objects) in archive.backup_objects().await? {
+        if !objects.files.contains_key(RECORD) {
+            continue;
+        }
+        if let Some(r) = read_record(archive, &name).await? {
+            let t = humantime::parse_rfc3339_weak(r.finished_at.trim_end_matches('Z'))
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs() as i64);
+            newest = newest.max(t);
+        }
+    }
+    Ok(newest)
 }
 
 /// Every backup in the archive, oldest first; incomplete ones say so.

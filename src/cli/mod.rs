@@ -149,10 +149,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Delete old WAL (retention). A dry run unless --confirm: lists what would go. Cuts every
-    /// timeline at one segment, keeps history files kept timelines need, never empties the
-    /// archive
-    #[command(group(clap::ArgGroup::new("rule").required(true).args(["before", "older_than"])))]
+    /// Delete old WAL, or old backups and the WAL no kept backup needs (retention). A dry run
+    /// unless --confirm: lists what would go. Cuts every timeline at one segment, keeps
+    /// history files kept timelines need, never empties the archive
+    #[command(group(clap::ArgGroup::new("rule").required(true).multiple(true)
+        .args(["before", "older_than", "retain", "retain_for"])))]
     Delete {
         /// Delete what comes before this segment (a segment, .partial or .backup name; the
         /// timeline part is ignored, as pg_archivecleanup does)
@@ -162,6 +163,14 @@ enum Command {
         /// older segments after it stay, so no gap opens
         #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
         older_than: Option<std::time::Duration>,
+        /// By backup: keep the newest N restorable backups, remove older backups and the WAL
+        /// no kept backup needs
+        #[arg(long, value_name = "N")]
+        retain: Option<usize>,
+        /// By backup: keep the restorable backups that finished within DURATION (at least the
+        /// newest; with --retain, those too)
+        #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+        retain_for: Option<std::time::Duration>,
         /// Really delete
         #[arg(long)]
         confirm: bool,
@@ -428,12 +437,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Delete {
             before,
             older_than,
+            retain,
+            retain_for,
             confirm,
             json,
         } => {
             let args = ops::DeleteArgs {
                 before: before.as_deref(),
                 older_than,
+                retain,
+                retain_for,
                 confirm,
                 json,
             };

@@ -199,6 +199,9 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         policy,
         Arc::new(crate::caller::Proc::default()),
     );
+    if args.metrics_addr.is_some() {
+        tokio::spawn(watch_backups(archive.clone()));
+    }
     let fs = WalFs::new(fs, tokio::runtime::Handle::current());
     let session = fuse::spawn(fs, &mountpoint).map_err(|e| {
         let hint = match e.raw_os_error() {
@@ -261,4 +264,28 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         }
     }
     Ok(())
+}
+
+/// Keeps the backup gauges current for an alert on the newest backup's age: the records are
+/// read every 5 minutes, the age moves every 30 s.
+async fn watch_backups(archive: Arc<crate::store::Archive>) {
+    let mut newest: Option<i64> = None;
+    let mut ticks = 0u32;
+    loop {
+        if ticks % 10 == 0 {
+            match crate::backup::newest_finished(&archive).await {
+                Ok(t) => newest = t,
+                Err(e) => tracing::debug!(error = %e, "reading the backups' records failed"),
+            }
+        }
+        if let Some(t) = newest {
+            crate::telemetry::set_gauge("walfs_backup_last_success_timestamp_seconds", t as f64);
+            crate::telemetry::set_gauge(
+                "walfs_backup_newest_age_seconds",
+                (crate::telemetry::now_secs() - t as f64).max(0.0),
+            );
+        }
+        ticks = ticks.wrapping_add(1);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
 }

@@ -61,8 +61,26 @@ pub(super) async fn verify(
     let report = ops::verify(&archive, deep, from, to, 4, &progress).await;
     pb.finish_and_clear();
     let report = report?;
+    // Each complete backup's WAL chain: every file from its start to its end.
+    let backups = crate::backup::list(&archive)
+        .await
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
+    let broken: Vec<&crate::backup::Listed> = backups
+        .iter()
+        .filter(|b| b.complete && !b.missing_wal.is_empty())
+        .collect();
+    let damaged_backups = backups.iter().filter(|b| b.damaged.is_some()).count();
     if json {
-        json_out(&report)?;
+        let mut v = serde_json::to_value(&report)
+            .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "backups".into(),
+                serde_json::to_value(&backups)
+                    .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?,
+            );
+        }
+        json_out(&v)?;
     } else {
         for t in &report.timelines {
             let fork = t
@@ -90,8 +108,36 @@ pub(super) async fn verify(
                 println!("  DAMAGED {d}");
             }
         }
+        for b in &backups {
+            match (&b.damaged, b.missing_wal.first()) {
+                (Some(why), _) => println!("backup {}: DAMAGED record: {why}", b.name),
+                _ if !b.complete => println!("backup {}: incomplete (never used)", b.name),
+                (None, None) => println!("backup {}: its WAL is present", b.name),
+                (None, Some(m)) => println!(
+                    "backup {}: WAL MISSING, {} files, the first {m}",
+                    b.name,
+                    b.missing_wal.len()
+                ),
+            }
+        }
     }
     let gaps: usize = report.timelines.iter().map(|t| t.gaps.len()).sum();
+    if damaged_backups > 0 {
+        return Err(Failure::new(
+            exit::DAMAGED,
+            format!("{damaged_backups} backups with a damaged record"),
+        ));
+    }
+    if !broken.is_empty() {
+        return Err(Failure::new(
+            exit::ABSENT_OR_REFUSED,
+            format!(
+                "{} backups lack WAL they need (the first: {})",
+                broken.len(),
+                broken[0].name
+            ),
+        ));
+    }
     if !report.damaged.is_empty() {
         return Err(Failure::new(
             exit::DAMAGED,
@@ -119,6 +165,8 @@ pub(super) async fn verify(
 pub(super) struct DeleteArgs<'a> {
     pub before: Option<&'a str>,
     pub older_than: Option<Duration>,
+    pub retain: Option<usize>,
+    pub retain_for: Option<Duration>,
     pub confirm: bool,
     pub json: bool,
 }
@@ -126,25 +174,53 @@ pub(super) struct DeleteArgs<'a> {
 pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<(), Failure> {
     let archive = open_archive(settings, false)?;
     let size = archive.require_identity().await?.segment_size()?;
-    let rule = match (args.before, args.older_than) {
-        (Some(s), None) => retention::Rule::Before(segno_arg(s, size)?),
-        (None, Some(age)) => {
+    let by_backup = args.retain.is_some() || args.retain_for.is_some();
+    let mut backups = None;
+    let (rule, protect) = match (args.before, args.older_than, by_backup) {
+        (Some(s), None, false) => (retention::Rule::Before(segno_arg(s, size)?), None),
+        (None, Some(age), false) => {
             let cutoff = crate::telemetry::now_secs() - age.as_secs_f64();
-            retention::Rule::ModifiedBefore(cutoff as i64)
+            (retention::Rule::ModifiedBefore(cutoff as i64), None)
+        }
+        (None, None, true) => {
+            let (bplan, protect) = backup_plan(&archive, args.retain, args.retain_for).await?;
+            let rule = retention::Rule::Before(bplan.wal_before);
+            backups = Some(bplan);
+            (rule, protect)
         }
         _ => {
             return Err(Failure::new(
                 exit::USAGE,
-                "give one of --before SEGMENT or --older-than DURATION",
+                "give one of --before SEGMENT, --older-than DURATION, or --retain N and/or \
+                 --retain-for DURATION (by backup)",
             ))
         }
     };
-    let plan = retention::plan_archive(&archive, rule)
+    let plan = retention::plan_archive(&archive, rule, protect)
         .await?
         .map_err(|e| Failure::new(exit::ABSENT_OR_REFUSED, e.to_string()))?;
     if args.json {
-        json_out(&plan)?;
+        match &backups {
+            Some(b) => json_out(&serde_json::json!({"backups": b, "wal": &plan}))?,
+            None => json_out(&plan)?,
+        }
     } else {
+        if let Some(b) = &backups {
+            let verb = if args.confirm {
+                "deleting"
+            } else {
+                "would delete"
+            };
+            for name in &b.delete {
+                println!("{verb} backup {name}");
+            }
+            println!(
+                "keeping {} backups ({}); the WAL they need starts with {}",
+                b.keep.len(),
+                b.keep.join(", "),
+                b.oldest_kept
+            );
+        }
         let verb = if args.confirm {
             "deleting"
         } else {
@@ -173,6 +249,17 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
         }
         return Ok(());
     }
+    // Backups first: an interruption then leaves WAL no backup needs, never a listed backup
+    // whose WAL is gone.
+    if let Some(b) = &backups {
+        let objects = archive.backup_objects().await?;
+        for name in &b.delete {
+            if let Some(o) = objects.get(name) {
+                archive.delete_backup(name, o).await?;
+                tracing::info!(backup = %name, "backup deleted by retention");
+            }
+        }
+    }
     let names: Vec<_> = plan
         .delete
         .iter()
@@ -196,6 +283,37 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
         println!("deleted {deleted} files");
     }
     Ok(())
+}
+
+/// Retention by backup: the plan, and the timeline whose WAL must stay whole (the newest,
+/// when no kept backup is on it: its WAL is the only way there).
+async fn backup_plan(
+    archive: &crate::store::Archive,
+    retain: Option<usize>,
+    retain_for: Option<Duration>,
+) -> Result<(crate::backup::retain::BackupPlan, Option<u32>), Failure> {
+    use futures::TryStreamExt;
+    let fail = |e: crate::backup::BackupError| Failure::new(exit::UNAVAILABLE, e.to_string());
+    let listed = crate::backup::list(archive).await.map_err(fail)?;
+    let objects = archive.backup_objects().await?;
+    let rule = crate::backup::retain::Rule {
+        count: retain,
+        within: retain_for,
+    };
+    let plan = crate::backup::retain::plan(&listed, &objects, rule, std::time::SystemTime::now())
+        .map_err(|e| Failure::new(exit::ABSENT_OR_REFUSED, e))?;
+    let entries: Vec<crate::store::Entry> = archive.list(None).try_collect().await?;
+    let newest = entries
+        .iter()
+        .filter(|e| e.name.kind() == crate::wal::FileKind::Segment)
+        .map(|e| e.name.timeline())
+        .max();
+    let on_newest = listed
+        .iter()
+        .filter(|l| plan.keep.contains(&l.name))
+        .filter_map(|l| l.record.as_ref())
+        .any(|r| Some(r.end_timeline) == newest);
+    Ok((plan, newest.filter(|_| !on_newest)))
 }
 
 pub(super) async fn import(

@@ -58,12 +58,14 @@ fn segno_of(name: &ArchiveName, size: SegmentSize) -> Option<u64> {
     name.wal_position(size).ok().flatten().map(|s| s.segno)
 }
 
-/// Plans a deletion. `ancestors` maps a timeline to the parents its history file lists.
+/// Plans a deletion. `ancestors` maps a timeline to the parents its history file lists;
+/// nothing of timeline `protect` is deleted.
 pub fn plan(
     entries: &[Entry],
     ancestors: &BTreeMap<u32, Vec<u32>>,
     size: SegmentSize,
     rule: Rule,
+    protect: Option<u32>,
 ) -> Result<Plan, RetentionError> {
     let segments: Vec<(u64, &Entry)> = entries
         .iter()
@@ -96,7 +98,7 @@ pub fn plan(
     let mut histories: Vec<&Entry> = Vec::new();
     for e in entries {
         match segno_of(&e.name, size) {
-            Some(n) if n < boundary => delete.push((n, e)),
+            Some(n) if n < boundary && protect != Some(e.name.timeline()) => delete.push((n, e)),
             Some(_) => {
                 kept_timelines.insert(e.name.timeline());
                 keep_files += 1;
@@ -150,6 +152,7 @@ pub fn plan(
 pub async fn plan_archive(
     archive: &Archive,
     rule: Rule,
+    protect: Option<u32>,
 ) -> Result<Result<Plan, RetentionError>, Error> {
     let size = archive.require_identity().await?.segment_size()?;
     let entries: Vec<Entry> = archive.list(None).try_collect().await?;
@@ -162,7 +165,7 @@ pub async fn plan_archive(
         .into_iter()
         .map(|(tli, switches)| (tli, switches.iter().map(|s| s.parent).collect()))
         .collect();
-    let mut planned = plan(&entries, &ancestors, size, rule);
+    let mut planned = plan(&entries, &ancestors, size, rule, protect);
     if let Ok(p) = &mut planned {
         for s in archive.snapshots().await? {
             if s.segment
@@ -218,7 +221,7 @@ mod tests {
         e.push(entry("00000002.history", 0));
         let mut anc = BTreeMap::new();
         anc.insert(2, vec![1]);
-        let p = plan(&e, &anc, size(), Rule::Before(4)).expect("plan");
+        let p = plan(&e, &anc, size(), Rule::Before(4), None).expect("plan");
         assert_eq!(
             p.delete,
             [
@@ -252,7 +255,7 @@ mod tests {
         anc.insert(3, vec![1, 2]);
         anc.insert(4, vec![1, 2]);
         anc.insert(5, vec![1, 2, 4]);
-        let p = plan(&e, &anc, size(), Rule::Before(7)).expect("plan");
+        let p = plan(&e, &anc, size(), Rule::Before(7), None).expect("plan");
         // Timeline 3 has no files and no descendant kept: its history goes. 2 is an ancestor
         // of 4; 5 is the newest timeline.
         assert!(p.delete.contains(&"00000003.history".to_string()));
@@ -278,7 +281,7 @@ mod tests {
             seg(1, 5, 10),
             seg(1, 6, 100),
         ];
-        let p = plan(&e, &BTreeMap::new(), size(), Rule::ModifiedBefore(50)).expect("plan");
+        let p = plan(&e, &BTreeMap::new(), size(), Rule::ModifiedBefore(50), None).expect("plan");
         assert_eq!(
             p.delete,
             ["000000010000000000000001", "000000010000000000000002"]
@@ -291,21 +294,21 @@ mod tests {
         let e = vec![seg(1, 1, 10), seg(1, 2, 10)];
         let newest = "000000010000000000000002".to_string();
         assert_eq!(
-            plan(&e, &BTreeMap::new(), size(), Rule::ModifiedBefore(50)),
+            plan(&e, &BTreeMap::new(), size(), Rule::ModifiedBefore(50), None),
             Err(RetentionError::WouldEmpty {
                 newest: newest.clone()
             })
         );
         assert_eq!(
-            plan(&e, &BTreeMap::new(), size(), Rule::Before(3)),
+            plan(&e, &BTreeMap::new(), size(), Rule::Before(3), None),
             Err(RetentionError::WouldEmpty { newest })
         );
         assert_eq!(
-            plan(&[], &BTreeMap::new(), size(), Rule::Before(3)),
+            plan(&[], &BTreeMap::new(), size(), Rule::Before(3), None),
             Err(RetentionError::NoSegments)
         );
         // Nothing before the boundary: an empty plan, not an error.
-        let p = plan(&e, &BTreeMap::new(), size(), Rule::Before(1)).expect("plan");
+        let p = plan(&e, &BTreeMap::new(), size(), Rule::Before(1), None).expect("plan");
         assert!(p.delete.is_empty());
     }
 }

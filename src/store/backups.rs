@@ -29,6 +29,8 @@ const BACKUP_DIR: &str = "backups";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BackupObjects {
     pub files: BTreeMap<String, u64>,
+    /// When the newest of them was written (seconds since the Unix epoch).
+    pub newest_modified: i64,
 }
 
 impl BackupObjects {
@@ -106,20 +108,27 @@ impl Archive {
                 .map(|p| p.as_ref().to_string())
                 .collect();
             if let [backup, file] = parts.as_slice() {
-                out.entry(backup.clone())
-                    .or_default()
-                    .files
-                    .insert(file.clone(), meta.size);
+                let o = out.entry(backup.clone()).or_default();
+                o.files.insert(file.clone(), meta.size);
+                o.newest_modified = o.newest_modified.max(meta.last_modified.timestamp());
             }
         }
         Ok(out)
     }
 
-    /// Deletes every object of backup `backup` (gone already counts as deleted).
+    /// Deletes every object of backup `backup` (gone already counts as deleted): its record
+    /// first, so an interrupted deletion leaves an incomplete backup, never a complete one
+    /// with chunks missing.
     pub async fn delete_backup(&self, backup: &str, objects: &BackupObjects) -> Result<(), Error> {
+        let record = self.backup_obj(backup, crate::backup::RECORD)?;
+        match object_store::ObjectStoreExt::delete(self.store.as_ref(), &record.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(Error::backend(format!("deleting backup {backup}"), e)),
+        }
         let paths: Vec<Path> = objects
             .files
             .keys()
+            .filter(|f| f.as_str() != crate::backup::RECORD)
             .map(|f| self.backup_obj(backup, f).map(|o| o.path))
             .collect::<Result<_, _>>()?;
         let store: Arc<dyn object_store::ObjectStore> = self.store.clone();

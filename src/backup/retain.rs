@@ -1,0 +1,310 @@
+//! Retention by backup: which backups `walfs delete --retain N` / `--retain-for D` keeps, which
+//! it removes, and where the WAL is cut (pure; `cli` carries it out).
+//!
+//! - A backup counts only when it can be restored: complete (its record authenticates) and
+//!   all the WAL it needs present.
+//! - Kept: the newest N restorable backups (`--retain N`), and every restorable one that
+//!   finished within D (`--retain-for D`); with only D given, the newest restorable backup is
+//!   kept whatever its age. No restorable backup at all: nothing is planned.
+//! - Removed: every backup that finished before the oldest kept one, and incomplete or
+//!   damaged ones whose last object is older than [`STALE_INCOMPLETE`] (a backup still
+//!   running writes an object every few seconds).
+//! - WAL: cut at the segment number where the oldest kept backup starts, across timelines,
+//!   by the same planner as `--before` (history files a kept timeline needs stay); the newest
+//!   timeline's segments are never removed.
+
+use super::{BackupRecord, Listed};
+use crate::store::backups::BackupObjects;
+use crate::wal::SegmentSize;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+/// How old an incomplete backup's newest object must be before retention removes it.
+pub const STALE_INCOMPLETE: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Keep the newest N restorable backups.
+    pub count: Option<usize>,
+    /// Keep restorable backups that finished within this long.
+    pub within: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct BackupPlan {
+    /// Kept backups, oldest first.
+    pub keep: Vec<String>,
+    /// Backups removed, oldest first.
+    pub delete: Vec<String>,
+    /// The WAL before this segment number goes (every timeline).
+    #[serde(skip)]
+    pub wal_before: u64,
+    /// The oldest kept backup, whose start is the cut.
+    pub oldest_kept: String,
+}
+
+fn finished(r: &BackupRecord) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(r.finished_at.trim_end_matches('Z')).ok()
+}
+
+/// Plans retention by backup over what `backup::list` and the listing of objects say.
+pub fn plan(
+    listed: &[Listed],
+    objects: &BTreeMap<String, BackupObjects>,
+    rule: Rule,
+    now: SystemTime,
+) -> Result<BackupPlan, String> {
+    if rule.count == Some(0) {
+        return Err("--retain 0 would keep no backup; give 1 or more".into());
+    }
+    let mut restorable: Vec<&BackupRecord> = listed
+        .iter()
+        .filter(|l| l.damaged.is_none() && l.missing_wal.is_empty())
+        .filter_map(|l| l.record.as_ref())
+        .collect();
+    restorable.sort_by(|a, b| {
+        (finished(a), a.end_timeline, a.end_lsn).cmp(&(finished(b), b.end_timeline, b.end_lsn))
+    });
+    let Some(newest) = restorable.last() else {
+        return Err(
+            "the archive holds no restorable backup (complete, with its WAL): retention by backup \
+             would keep nothing; take a backup first"
+                .into(),
+        );
+    };
+    let mut keep: Vec<&BackupRecord> = Vec::new();
+    let n = restorable.len();
+    for (i, r) in restorable.iter().enumerate() {
+        let by_count = rule.count.is_some_and(|c| i + c >= n);
+        let by_age = rule.within.is_some_and(|d| {
+            finished(r).is_some_and(|t| now.duration_since(t).map_or(true, |age| age <= d))
+        });
+        if by_count || by_age {
+            keep.push(r);
+        }
+    }
+    if keep.is_empty() {
+        keep.push(newest);
+    }
+    let oldest = keep[0];
+    let oldest_finished = finished(oldest);
+    let size = SegmentSize::new(oldest.wal_segment_size).map_err(|e| e.to_string())?;
+    let kept: Vec<&str> = keep.iter().map(|r| r.name.as_str()).collect();
+    let stale_before = now
+        .checked_sub(STALE_INCOMPLETE)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut delete: Vec<(Option<SystemTime>, String)> = Vec::new();
+    for l in listed {
+        if kept.contains(&l.name.as_str()) {
+            continue;
+        }
+        match (&l.record, &l.damaged) {
+            (Some(r), None) => {
+                if finished(r) < oldest_finished {
+                    delete.push((finished(r), l.name.clone()));
+                }
+            }
+            _ => {
+                let newest_object = objects.get(&l.name).map_or(0, |o| o.newest_modified);
+                let t = SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(newest_object).unwrap_or(0));
+                if t < stale_before {
+                    delete.push((Some(t), l.name.clone()));
+                }
+            }
+        }
+    }
+    delete.sort();
+    Ok(BackupPlan {
+        keep: kept.iter().map(|s| s.to_string()).collect(),
+        delete: delete.into_iter().map(|(_, n)| n).collect(),
+        wal_before: size.segno(oldest.start_lsn),
+        oldest_kept: oldest.name.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::ArchiveRecord;
+    use crate::wal::Lsn;
+
+    fn record(name: &str, tli: u32, start: u64, finished_at: &str) -> BackupRecord {
+        BackupRecord {
+            format: 1,
+            name: name.into(),
+            label: name.into(),
+            system_identifier: "1".into(),
+            pg_version: 150000,
+            wal_segment_size: 1 << 20,
+            start_lsn: Lsn(start << 20),
+            start_timeline: tli,
+            end_lsn: Lsn((start << 20) + 4096),
+            end_timeline: tli,
+            started_at: finished_at.into(),
+            finished_at: finished_at.into(),
+            archives: vec![ArchiveRecord {
+                name: "base.tar".into(),
+                tablespace_path: None,
+                bytes: 1,
+                chunks: 1,
+            }],
+            bytes: 1,
+            stored_bytes: 1,
+            files: 1,
+        }
+    }
+
+    fn listed(r: BackupRecord) -> Listed {
+        Listed {
+            name: r.name.clone(),
+            complete: true,
+            damaged: None,
+            stored_bytes: 1,
+            record: Some(r),
+            missing_wal: Vec::new(),
+        }
+    }
+
+    fn at(s: &str) -> SystemTime {
+        humantime::parse_rfc3339_weak(s).unwrap()
+    }
+
+    #[test]
+    fn keeps_the_newest_and_cuts_at_the_oldest_kept_start() {
+        let l = vec![
+            listed(record("a", 1, 2, "2026-11-01T00:00:00Z")),
+            listed(record("b", 1, 10, "2026-11-10T00:00:00Z")),
+            listed(record("c", 2, 20, "2026-11-20T00:00:00Z")),
+        ];
+        let now = at("2026-11-29T00:00:00");
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: Some(2),
+                within: None,
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["b", "c"]);
+        assert_eq!(p.delete, ["a"]);
+        assert_eq!(p.wal_before, 10);
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: None,
+                within: Some(Duration::from_secs(15 * 86400)),
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["c"]);
+        assert_eq!(p.delete, ["a", "b"]);
+        assert_eq!(p.wal_before, 20);
+        // Too old for the window: the newest stays all the same.
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: None,
+                within: Some(Duration::from_secs(86400)),
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["c"]);
+        // Count and window together: the union.
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: Some(1),
+                within: Some(Duration::from_secs(25 * 86400)),
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["b", "c"]);
+    }
+
+    #[test]
+    fn only_restorable_backups_count_and_stale_incomplete_ones_go() {
+        let mut missing = listed(record("c", 1, 30, "2026-11-20T00:00:00Z"));
+        missing.missing_wal = vec!["00000001000000000000001E".into()];
+        let incomplete_old = Listed {
+            name: "d".into(),
+            complete: false,
+            damaged: None,
+            stored_bytes: 1,
+            record: None,
+            missing_wal: Vec::new(),
+        };
+        let incomplete_running = Listed {
+            name: "e".into(),
+            ..incomplete_old.clone()
+        };
+        let l = vec![
+            listed(record("a", 1, 2, "2026-11-01T00:00:00Z")),
+            listed(record("b", 1, 10, "2026-11-10T00:00:00Z")),
+            missing,
+            incomplete_old,
+            incomplete_running,
+        ];
+        let now = at("2026-11-29T00:00:00");
+        let mut objects = BTreeMap::new();
+        let secs =
+            |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+        objects.insert(
+            "d".to_string(),
+            BackupObjects {
+                newest_modified: secs(now) - 7200,
+                ..Default::default()
+            },
+        );
+        objects.insert(
+            "e".to_string(),
+            BackupObjects {
+                newest_modified: secs(now) - 5,
+                ..Default::default()
+            },
+        );
+        let p = plan(
+            &l,
+            &objects,
+            Rule {
+                count: Some(1),
+                within: None,
+            },
+            now,
+        )
+        .unwrap();
+        // c cannot be restored: b is the newest that can, and c (newer) is left alone.
+        assert_eq!(p.keep, ["b"]);
+        assert_eq!(p.delete, ["a", "d"]);
+        assert_eq!(p.wal_before, 10);
+        assert!(plan(
+            &l,
+            &objects,
+            Rule {
+                count: Some(0),
+                within: None
+            },
+            now
+        )
+        .is_err());
+        assert!(plan(
+            &[],
+            &objects,
+            Rule {
+                count: Some(3),
+                within: None
+            },
+            now
+        )
+        .is_err());
+    }
+}
