@@ -360,6 +360,22 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
     assert!(!data.join("recovery.signal").exists());
     assert_eq!(out.status.code(), Some(4), "damage exits 4: {err}");
 
+    // A chunk the record lists is deleted: the backup is damaged, not restorable.
+    std::fs::remove_file(
+        s.archive
+            .join("backups")
+            .join(good_name)
+            .join("base.tar.000001"),
+    )
+    .expect("remove a chunk");
+    let text = stdout_str(&sh_ok(&mut s.walfs(&["backup", "list"])));
+    assert!(
+        text.contains("DAMAGED") && text.contains("base.tar.000001"),
+        "{text}"
+    );
+    let out = sh_fails(&mut s.walfs(&["verify"]));
+    assert_eq!(out.status.code(), Some(4), "{}", stdout_str(&out));
+
     // A forged or damaged record: that backup is listed as damaged and never chosen.
     let record = s
         .archive

@@ -14,8 +14,8 @@
 //!    the database, and nothing is copied to local disk.
 //! 4. While the tars stream through, every member's size and checksum is computed; once the
 //!    manifest arrives it must match them all ([`manifest::verify`]) and its own checksum.
-//! 5. The WAL from the start to the end position, and the `.backup` file the server writes,
-//!    must be in the archive (the server waits for its archiver before it answers, WAIT).
+//! 5. The WAL from the start to the end position, on the timelines the manifest names, must be
+//!    in the archive (the server waits for its archiver before it answers, WAIT).
 //! 6. Only then is `backups/<name>/backup.json` written: the record that makes the backup
 //!    exist. A backup killed at any earlier point has no record and is never used.
 
@@ -89,23 +89,65 @@ pub struct BackupRecord {
     pub stored_bytes: u64,
     /// Files the manifest lists, every one checked.
     pub files: usize,
+    /// The WAL the backup needs, per timeline, as its manifest lists it (a backup during
+    /// which the timeline changed spans two).
+    #[serde(default)]
+    pub wal_ranges: Vec<WalRangeRecord>,
+}
+
+/// One timeline's part of the WAL a backup needs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WalRangeRecord {
+    pub timeline: u32,
+    pub start: Lsn,
+    pub end: Lsn,
 }
 
 impl BackupRecord {
-    /// The WAL needed to restore it: every segment from the start to the end position.
+    /// Every object the record promises: each archive's chunks and the manifest.
+    pub fn objects(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .archives
+            .iter()
+            .flat_map(|a| (0..a.chunks).map(move |i| format!("{}.{i:06}", a.name)))
+            .collect();
+        v.push(MANIFEST.to_string());
+        v
+    }
+
+    /// The first object the record promises that `objects` lacks.
+    pub fn first_missing(&self, objects: &crate::store::backups::BackupObjects) -> Option<String> {
+        self.objects()
+            .into_iter()
+            .find(|f| !objects.files.contains_key(f))
+    }
+
+    /// The WAL needed to restore it: every segment from the start to the end position, on
+    /// the timelines its manifest names.
     pub fn wal_needed(&self) -> Result<Vec<ArchiveName>, String> {
         let size = SegmentSize::new(self.wal_segment_size).map_err(|e| e.to_string())?;
-        let first = size.segno(self.start_lsn);
-        let last = size.segno(Lsn(self.end_lsn.0.saturating_sub(1).max(self.start_lsn.0)));
-        (first..=last)
-            .map(|segno| {
+        let ranges = if self.wal_ranges.is_empty() {
+            vec![WalRangeRecord {
+                timeline: self.end_timeline,
+                start: self.start_lsn,
+                end: self.end_lsn,
+            }]
+        } else {
+            self.wal_ranges.clone()
+        };
+        let mut out = Vec::new();
+        for r in ranges {
+            let first = size.segno(r.start);
+            let last = size.segno(Lsn(r.end.0.saturating_sub(1).max(r.start.0)));
+            for segno in first..=last {
                 let id = SegmentId {
-                    timeline: self.end_timeline,
+                    timeline: r.timeline,
                     segno,
                 };
-                ArchiveName::parse(&id.file_name(size)).map_err(|e| e.to_string())
-            })
-            .collect()
+                out.push(ArchiveName::parse(&id.file_name(size)).map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(out)
     }
 
     /// The backup history file the server archives when the backup ends.
@@ -502,11 +544,33 @@ pub async fn take(
         archives,
         stored_bytes: run.stored_bytes,
         files: checked,
+        wal_ranges: manifest
+            .wal_ranges
+            .iter()
+            .map(|r| WalRangeRecord {
+                timeline: r.timeline,
+                start: r.start,
+                end: r.end,
+            })
+            .collect(),
     };
     // The WAL it needs, in this archive: the server waited for its archiver, which may
     // archive elsewhere.
     check_identity(&archive, &record.system_identifier, wal_segment_size).await?;
     wait_for_wal(&archive, &record, opts.wal_timeout).await?;
+    // Everything is still there (nothing deleted it while the backup ran) before the
+    // record says so.
+    let stored = archive.backup_objects().await?;
+    if let Some(m) = stored
+        .get(&name)
+        .and_then(|o| record.first_missing(o))
+        .or_else(|| (!stored.contains_key(&name)).then(|| MANIFEST.to_string()))
+    {
+        return Err(BackupError::Damaged(format!(
+            "{name}/{m} is gone from the archive although it was stored (deleted while the \
+             backup ran?): the backup is not marked complete"
+        )));
+    }
     let body = serde_json::to_vec_pretty(&record).map_err(|e| protocol(e.to_string()))?;
     archive
         .put_backup_file(&name, RECORD, Bytes::from(body))
@@ -536,8 +600,9 @@ pub async fn missing_wal(
     archive: &Archive,
     record: &BackupRecord,
 ) -> Result<Vec<ArchiveName>, BackupError> {
-    let mut need = record.wal_needed().map_err(protocol)?;
-    need.push(record.history_file().map_err(protocol)?);
+    // The `.backup` file is not needed (backup_label is in base.tar), and a standby writes
+    // none: only the segments count.
+    let need = record.wal_needed().map_err(protocol)?;
     let mut missing = Vec::new();
     for name in need {
         if archive.header(&name).await?.is_none() {
@@ -556,6 +621,12 @@ async fn wait_for_wal(
     loop {
         let missing = missing_wal(archive, record).await?;
         let Some(first) = missing.first() else {
+            if let Ok(h) = record.history_file() {
+                if archive.header(&h).await?.is_none() {
+                    tracing::info!(backup = %record.name, file = %h,
+                        "no backup history file in the archive (a backup of a standby writes none)");
+                }
+            }
             return Ok(());
         };
         if began.elapsed() >= timeout {
@@ -631,7 +702,15 @@ pub async fn list(archive: &Archive) -> Result<Vec<Listed>, BackupError> {
         let mut damaged = None;
         let record = if objects.files.contains_key(RECORD) {
             match read_record(archive, &name).await {
-                Ok(r) => r,
+                // A record whose chunks are not all there is damage too.
+                Ok(Some(r)) => match r.first_missing(&objects) {
+                    Some(m) => {
+                        damaged = Some(format!("{name}/{m}, which its record lists, is missing"));
+                        None
+                    }
+                    None => Some(r),
+                },
+                Ok(None) => None,
                 // A record that does not open is damage: that backup is not usable, the
                 // others still are.
                 Err(BackupError::Store(e)) if e.class() == crate::store::Class::Damaged => {

@@ -271,8 +271,14 @@ impl<R: Read> Read for CountingReader<'_, R> {
     }
 }
 
-fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// A postgresql.conf string: backslashes and quotes escaped.
+fn conf_quote(s: &str) -> Result<String, BackupError> {
+    if s.contains(['\n', '\r', '\0']) {
+        return Err(refused(format!(
+            "{s:?}: a setting cannot hold a line break"
+        )));
+    }
+    Ok(format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''")))
 }
 
 /// Restores per `opts`; returns the backup restored.
@@ -307,6 +313,41 @@ pub async fn restore(
             )));
         }
     }
+    // The settings first: one that cannot be written stops the restore before it writes.
+    let mut conf = String::from("\n# walfs restore of backup ");
+    conf.push_str(&record.name);
+    conf.push('\n');
+    conf.push_str(&format!(
+        "restore_command = {}\n",
+        conf_quote(&opts.restore_command)?
+    ));
+    if !opts.keep_archiving {
+        conf.push_str("archive_mode = off\n");
+    }
+    match &opts.target {
+        // In UTC whatever the server's TimeZone: as the backup was chosen.
+        Some(Target::Time(t)) => conf.push_str(&format!(
+            "recovery_target_time = '{}'\n",
+            humantime::format_rfc3339_seconds(parse_time(t)?)
+                .to_string()
+                .replace('T', " ")
+                .replace('Z', "+00")
+        )),
+        Some(Target::Lsn(l)) => conf.push_str(&format!("recovery_target_lsn = '{l}'\n")),
+        Some(Target::Name(n)) => {
+            conf.push_str(&format!("recovery_target_name = {}\n", conf_quote(n)?))
+        }
+        Some(Target::Timeline(t)) => {
+            conf.push_str(&format!("recovery_target_timeline = {}\n", conf_quote(t)?))
+        }
+        None => {}
+    }
+    if matches!(
+        opts.target,
+        Some(Target::Time(_) | Target::Lsn(_) | Target::Name(_))
+    ) {
+        conf.push_str("recovery_target_action = 'promote'\n");
+    }
     for (_, dest) in &plan {
         empty_dir(dest)?;
     }
@@ -325,51 +366,34 @@ pub async fn restore(
     if !opts.tablespace_map.is_empty() {
         let text = std::fs::read_to_string(&map_path).map_err(io(&map_path))?;
         let mut out = String::new();
+        let mut moved_count = vec![0usize; opts.tablespace_map.len()];
         for line in text.lines() {
+            // "<oid> <path>", the path with \ and newlines escaped by a backslash.
             let moved = line.split_once(' ').and_then(|(oid, path)| {
+                let path = path.replace("\\\\", "\\");
                 opts.tablespace_map
                     .iter()
-                    .find(|(old, _)| old == path)
-                    .map(|(_, new)| format!("{oid} {}", new.display()))
+                    .position(|(old, _)| *old == path)
+                    .map(|i| {
+                        moved_count[i] += 1;
+                        let new = opts.tablespace_map[i].1.display().to_string();
+                        format!("{oid} {}", new.replace('\\', "\\\\"))
+                    })
             });
             out.push_str(&moved.unwrap_or_else(|| line.to_string()));
             out.push('\n');
         }
+        if let Some(i) = moved_count.iter().position(|n| *n != 1) {
+            return Err(refused(format!(
+                "--tablespace-map {}=…: tablespace_map of backup {} names that directory {} \
+                 times, not once; nothing is started from {}",
+                opts.tablespace_map[i].0,
+                record.name,
+                moved_count[i],
+                opts.pgdata.display()
+            )));
+        }
         std::fs::write(&map_path, out).map_err(io(&map_path))?;
-    }
-    let mut conf = String::from("\n# walfs restore of backup ");
-    conf.push_str(&record.name);
-    conf.push('\n');
-    conf.push_str(&format!(
-        "restore_command = {}\n",
-        conf_quote(&opts.restore_command)
-    ));
-    if !opts.keep_archiving {
-        conf.push_str("archive_mode = off\n");
-    }
-    match &opts.target {
-        // In UTC whatever the server's TimeZone: as the backup was chosen.
-        Some(Target::Time(t)) => conf.push_str(&format!(
-            "recovery_target_time = '{}'\n",
-            humantime::format_rfc3339_seconds(parse_time(t)?)
-                .to_string()
-                .replace('T', " ")
-                .replace('Z', "+00")
-        )),
-        Some(Target::Lsn(l)) => conf.push_str(&format!("recovery_target_lsn = '{l}'\n")),
-        Some(Target::Name(n)) => {
-            conf.push_str(&format!("recovery_target_name = {}\n", conf_quote(n)))
-        }
-        Some(Target::Timeline(t)) => {
-            conf.push_str(&format!("recovery_target_timeline = {}\n", conf_quote(t)))
-        }
-        None => {}
-    }
-    if matches!(
-        opts.target,
-        Some(Target::Time(_) | Target::Lsn(_) | Target::Name(_))
-    ) {
-        conf.push_str("recovery_target_action = 'promote'\n");
     }
     let auto = opts.pgdata.join("postgresql.auto.conf");
     let mut f = std::fs::OpenOptions::new()

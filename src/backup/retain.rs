@@ -3,15 +3,18 @@
 //!
 //! - A backup counts only when it can be restored: complete (its record authenticates) and
 //!   all the WAL it needs present.
+//! - Newest means furthest in the WAL: by (timeline, end LSN), never by a host's clock.
 //! - Kept: the newest N restorable backups (`--retain N`), and every restorable one that
-//!   finished within D (`--retain-for D`); with only D given, the newest restorable backup is
-//!   kept whatever its age. No restorable backup at all: nothing is planned.
-//! - Removed: every backup that finished before the oldest kept one, and incomplete or
-//!   damaged ones whose last object is older than [`STALE_INCOMPLETE`] (a backup still
-//!   running writes an object every few seconds).
-//! - WAL: cut at the segment number where the oldest kept backup starts, across timelines,
-//!   by the same planner as `--before` (history files a kept timeline needs stay); the newest
-//!   timeline's segments are never removed.
+//!   finished within D (`--retain-for D`, by the record's time); with only D given, the newest
+//!   restorable backup is kept whatever its age. No restorable backup at all: nothing is
+//!   planned.
+//! - Removed: every complete backup older than the oldest kept one, and incomplete ones (no
+//!   record) whose last object is older than [`STALE_INCOMPLETE`]. A backup whose record does
+//!   not open is reported, never removed: it may be another key's.
+//! - WAL: cut at the lowest segment number where a kept backup starts, across timelines, by
+//!   the same planner as `--before` (history files a kept timeline needs stay). A timeline
+//!   rolled back to an older point starts below backups of the timeline it left, so the cut
+//!   is the lowest start, not the oldest backup's.
 
 use super::{BackupRecord, Listed};
 use crate::store::backups::BackupObjects;
@@ -21,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 /// How old an incomplete backup's newest object must be before retention removes it.
-pub const STALE_INCOMPLETE: Duration = Duration::from_secs(3600);
+pub const STALE_INCOMPLETE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -40,7 +43,7 @@ pub struct BackupPlan {
     /// The WAL before this segment number goes (every timeline).
     #[serde(skip)]
     pub wal_before: u64,
-    /// The oldest kept backup, whose start is the cut.
+    /// The kept backup whose start is the cut.
     pub oldest_kept: String,
 }
 
@@ -63,9 +66,8 @@ pub fn plan(
         .filter(|l| l.damaged.is_none() && l.missing_wal.is_empty())
         .filter_map(|l| l.record.as_ref())
         .collect();
-    restorable.sort_by(|a, b| {
-        (finished(a), a.end_timeline, a.end_lsn).cmp(&(finished(b), b.end_timeline, b.end_lsn))
-    });
+    let order = |r: &BackupRecord| (r.end_timeline, r.end_lsn);
+    restorable.sort_by_key(|r| order(r));
     let Some(newest) = restorable.last() else {
         return Err(
             "the archive holds no restorable backup (complete, with its WAL): retention by backup \
@@ -88,8 +90,12 @@ pub fn plan(
         keep.push(newest);
     }
     let oldest = keep[0];
-    let oldest_finished = finished(oldest);
     let size = SegmentSize::new(oldest.wal_segment_size).map_err(|e| e.to_string())?;
+    let cut_at = keep
+        .iter()
+        .min_by_key(|r| size.segno(r.start_lsn))
+        .copied()
+        .unwrap_or(oldest);
     let kept: Vec<&str> = keep.iter().map(|r| r.name.as_str()).collect();
     let stale_before = now
         .checked_sub(STALE_INCOMPLETE)
@@ -101,11 +107,12 @@ pub fn plan(
         }
         match (&l.record, &l.damaged) {
             (Some(r), None) => {
-                if finished(r) < oldest_finished {
+                if order(r) < order(oldest) {
                     delete.push((finished(r), l.name.clone()));
                 }
             }
-            _ => {
+            (_, Some(_)) => {}
+            (None, None) => {
                 let newest_object = objects.get(&l.name).map_or(0, |o| o.newest_modified);
                 let t = SystemTime::UNIX_EPOCH
                     + Duration::from_secs(u64::try_from(newest_object).unwrap_or(0));
@@ -119,8 +126,8 @@ pub fn plan(
     Ok(BackupPlan {
         keep: kept.iter().map(|s| s.to_string()).collect(),
         delete: delete.into_iter().map(|(_, n)| n).collect(),
-        wal_before: size.segno(oldest.start_lsn),
-        oldest_kept: oldest.name.clone(),
+        wal_before: size.segno(cut_at.start_lsn),
+        oldest_kept: cut_at.name.clone(),
     })
 }
 
@@ -153,6 +160,7 @@ mod tests {
             bytes: 1,
             stored_bytes: 1,
             files: 1,
+            wal_ranges: Vec::new(),
         }
     }
 
@@ -232,6 +240,45 @@ mod tests {
     }
 
     #[test]
+    fn a_rolled_back_timeline_moves_the_cut_to_the_lowest_kept_start() {
+        // A at 10 and B at 50 on timeline 1; restored from A to 30 and promoted: C on
+        // timeline 2 starts at 31. Keeping B and C must keep timeline 2 from 31.
+        let l = vec![
+            listed(record("a", 1, 10, "2026-11-01T00:00:00Z")),
+            listed(record("b", 1, 50, "2026-11-10T00:00:00Z")),
+            // Its host's clock is behind: order comes from the WAL, not the clock.
+            listed(record("c", 2, 31, "2026-11-05T00:00:00Z")),
+        ];
+        let now = at("2026-11-29T00:00:00");
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: Some(2),
+                within: None,
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["b", "c"]);
+        assert_eq!(p.delete, ["a"]);
+        assert_eq!(p.wal_before, 31);
+        assert_eq!(p.oldest_kept, "c");
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: Some(1),
+                within: None,
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["c"]);
+        assert_eq!(p.wal_before, 31);
+    }
+
+    #[test]
     fn only_restorable_backups_count_and_stale_incomplete_ones_go() {
         let mut missing = listed(record("c", 1, 30, "2026-11-20T00:00:00Z"));
         missing.missing_wal = vec!["00000001000000000000001E".into()];
@@ -261,7 +308,7 @@ mod tests {
         objects.insert(
             "d".to_string(),
             BackupObjects {
-                newest_modified: secs(now) - 7200,
+                newest_modified: secs(now) - 2 * 86400,
                 ..Default::default()
             },
         );

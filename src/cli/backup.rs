@@ -208,8 +208,10 @@ fn default_restore_command(settings: &Settings) -> String {
     if let Some(k) = &settings.key_file {
         parts.extend(["--key-file".into(), shell_quote(&k.display().to_string())]);
     }
-    parts.extend(["fetch".into(), "%f".into(), "%p".into()]);
-    parts.join(" ")
+    // PostgreSQL expands %f, %p, %r in restore_command: a % of a path is written %%.
+    let mut line: Vec<String> = parts.iter().map(|p| p.replace('%', "%%")).collect();
+    line.extend(["fetch".into(), "%f".into(), "%p".into()]);
+    line.join(" ")
 }
 
 pub async fn restore(settings: &Settings, args: &RestoreArgs) -> Result<(), Failure> {

@@ -110,7 +110,7 @@ pub(super) async fn verify(
         }
         for b in &backups {
             match (&b.damaged, b.missing_wal.first()) {
-                (Some(why), _) => println!("backup {}: DAMAGED record: {why}", b.name),
+                (Some(why), _) => println!("backup {}: DAMAGED: {why}", b.name),
                 _ if !b.complete => println!("backup {}: incomplete (never used)", b.name),
                 (None, None) => println!("backup {}: its WAL is present", b.name),
                 (None, Some(m)) => println!(
@@ -122,10 +122,13 @@ pub(super) async fn verify(
         }
     }
     let gaps: usize = report.timelines.iter().map(|t| t.gaps.len()).sum();
-    if damaged_backups > 0 {
+    if damaged_backups > 0 || !report.damaged.is_empty() {
         return Err(Failure::new(
             exit::DAMAGED,
-            format!("{damaged_backups} backups with a damaged record"),
+            format!(
+                "{} damaged objects, {damaged_backups} damaged backups, {gaps} missing segments",
+                report.damaged.len()
+            ),
         ));
     }
     if !broken.is_empty() {
