@@ -23,6 +23,7 @@ command -v pgbackrest >/dev/null || { echo "needs pgbackrest (apt-get install pg
 [ -x /usr/bin/time ] || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 2; }
 WORK=$(mktemp -d /var/tmp/walfs-bbench.XXXXXX)
 chmod 0755 "$WORK"
+chown postgres "$WORK"  # the server writes its log and socket here
 cleanup() {
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
@@ -32,7 +33,7 @@ trap cleanup EXIT
 cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/walfs" "$WORK/walfs"
 chmod 0755 "$WORK/walfs"
 mkdir -p "$WORK/archive" "$WORK/pgbr" "$WORK/keys"
-"$WORK/walfs" keygen "$WORK/keys/key" >/dev/null
+"$WORK/walfs" keygen "$WORK/keys/key" >/dev/null 2>&1
 chown -R postgres "$WORK/archive" "$WORK/pgbr" "$WORK/keys"
 WALFS="$WORK/walfs --config /dev/null --archive file://$WORK/archive --key-file $WORK/keys/key"
 cat >"$WORK/pgbackrest.conf" <<EOF
@@ -55,6 +56,7 @@ EOF
 chown postgres "$WORK/pgbackrest.conf"
 PGBR="pgbackrest --config=$WORK/pgbackrest.conf --stanza=bench"
 
+install -d -o postgres -m 0700 "$WORK/data"
 runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/data" -A trust --no-sync >/dev/null
 cat >>"$WORK/data/postgresql.conf" <<EOF
 listen_addresses = ''

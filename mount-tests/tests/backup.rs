@@ -360,6 +360,16 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
     assert!(!data.join("recovery.signal").exists());
     assert_eq!(out.status.code(), Some(4), "damage exits 4: {err}");
 
+    // verify lists chunks; --deep opens them and finds the damage.
+    sh_ok(&mut s.walfs(&["verify"]));
+    let out = sh_fails(&mut s.walfs(&["verify", "--deep"]));
+    assert_eq!(out.status.code(), Some(4), "{}", stdout_str(&out));
+    assert!(
+        stdout_str(&out).contains(&format!("backup {good_name}: DAMAGED")),
+        "{}",
+        stdout_str(&out)
+    );
+
     // A chunk the record lists is deleted: the backup is damaged, not restorable.
     std::fs::remove_file(
         s.archive

@@ -83,6 +83,10 @@ pub struct BackupRecord {
     pub started_at: String,
     pub finished_at: String,
     pub archives: Vec<ArchiveRecord>,
+    /// Plaintext bytes of every chunk but an archive's last: where any offset of an archive
+    /// lies (0 in records written before it was kept).
+    #[serde(default)]
+    pub chunk_size: u64,
     /// Plaintext bytes of all archives.
     pub bytes: u64,
     /// Bytes stored (chunks and manifest).
@@ -542,6 +546,7 @@ pub async fn take(
         finished_at: now_rfc3339(),
         bytes: archives.iter().map(|a| a.bytes).sum(),
         archives,
+        chunk_size: run.chunk_size as u64,
         stored_bytes: run.stored_bytes,
         files: checked,
         wal_ranges: manifest

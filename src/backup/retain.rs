@@ -157,6 +157,7 @@ mod tests {
                 bytes: 1,
                 chunks: 1,
             }],
+            chunk_size: 1,
             bytes: 1,
             stored_bytes: 1,
             files: 1,

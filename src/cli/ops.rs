@@ -61,10 +61,30 @@ pub(super) async fn verify(
     let report = ops::verify(&archive, deep, from, to, 4, &progress).await;
     pb.finish_and_clear();
     let report = report?;
-    // Each complete backup's WAL chain: every file from its start to its end.
-    let backups = crate::backup::list(&archive)
+    // Each complete backup's WAL chain: every file from its start to its end; with --deep,
+    // every chunk and the manifest opened and authenticated too.
+    let mut backups = crate::backup::list(&archive)
         .await
         .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
+    if deep {
+        for b in backups.iter_mut() {
+            let Some(r) = &b.record else { continue };
+            for file in r.objects() {
+                match archive.get_backup_file(&b.name, &file).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => b.damaged = Some(format!("{}/{file} is missing", b.name)),
+                    Err(e) if e.class() == crate::store::Class::Damaged => {
+                        b.damaged = Some(e.to_string())
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if b.damaged.is_some() {
+                    b.complete = false;
+                    break;
+                }
+            }
+        }
+    }
     let broken: Vec<&crate::backup::Listed> = backups
         .iter()
         .filter(|b| b.complete && !b.missing_wal.is_empty())
