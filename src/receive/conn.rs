@@ -658,12 +658,7 @@ impl ReplicationConn {
                 Msg::Backend(backend::Message::CopyDone) => return Ok(QueryEvent::CopyDone),
                 Msg::Backend(backend::Message::ReadyForQuery(_)) => return Ok(QueryEvent::Ready),
                 Msg::Backend(backend::Message::ErrorResponse(body)) => {
-                    let e = server_error(&body);
-                    while !matches!(
-                        self.recv().await?,
-                        Msg::Backend(backend::Message::ReadyForQuery(_))
-                    ) {}
-                    return Err(e);
+                    return Err(self.after_error(&body).await)
                 }
                 Msg::Backend(backend::Message::NoticeResponse(body)) => {
                     tracing::info!("server: {}", server_error_text(&body));
@@ -672,6 +667,18 @@ impl ReplicationConn {
                 Msg::CopyBoth => {
                     return Err(ConnError::Protocol("unexpected CopyBoth".into()));
                 }
+            }
+        }
+    }
+
+    /// The server's error, once the connection is usable again (drained to ReadyForQuery);
+    /// the error is kept even when the server closes the connection after it.
+    async fn after_error(&mut self, body: &backend::ErrorResponseBody) -> ConnError {
+        let e = server_error(body);
+        loop {
+            match self.recv().await {
+                Ok(Msg::Backend(backend::Message::ReadyForQuery(_))) | Err(_) => return e,
+                Ok(_) => {}
             }
         }
     }
@@ -685,13 +692,7 @@ impl ReplicationConn {
             match self.recv().await? {
                 Msg::CopyBoth => return Ok(()),
                 Msg::Backend(backend::Message::ErrorResponse(body)) => {
-                    let e = server_error(&body);
-                    // Drain to ReadyForQuery so the connection stays usable.
-                    while !matches!(
-                        self.recv().await?,
-                        Msg::Backend(backend::Message::ReadyForQuery(_))
-                    ) {}
-                    return Err(e);
+                    return Err(self.after_error(&body).await)
                 }
                 Msg::Backend(backend::Message::NoticeResponse(_)) => {}
                 Msg::Backend(m) => {
