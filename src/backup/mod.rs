@@ -670,7 +670,7 @@ pub async fn read_record(
     archive: &Archive,
     name: &str,
 ) -> Result<Option<BackupRecord>, BackupError> {
-    let Some(bytes) = archive.get_backup_file(name, RECORD).await? else {
+    let Some(bytes) = archive.get_backup_file(name, RECORD, None).await? else {
         return Ok(None);
     };
     let r: BackupRecord =

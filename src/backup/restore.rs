@@ -192,6 +192,7 @@ async fn unpack(
         std::io::copy(&mut counted, &mut std::io::sink())?;
         Ok(counted.n)
     });
+    let chunk_size = record.chunk_size;
     let fetch = {
         let damaged = damaged.clone();
         let archive = archive.clone();
@@ -200,7 +201,17 @@ async fn unpack(
         async move {
             for i in 0..which.chunks {
                 let file = format!("{}.{i:06}", which.name);
-                let r = match archive.get_backup_file(&name, &file).await {
+                // Every chunk but the last holds chunk_size bytes.
+                let size = (chunk_size > 0).then(|| {
+                    if i + 1 < which.chunks {
+                        chunk_size
+                    } else {
+                        which
+                            .bytes
+                            .saturating_sub(chunk_size * u64::from(which.chunks - 1))
+                    }
+                });
+                let r = match archive.get_backup_file(&name, &file, size).await {
                     Ok(Some(b)) => Ok(Bytes::from(b)),
                     Ok(None) => {
                         *damaged.lock().unwrap_or_else(|p| p.into_inner()) = true;

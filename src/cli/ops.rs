@@ -70,7 +70,7 @@ pub(super) async fn verify(
         for b in backups.iter_mut() {
             let Some(r) = &b.record else { continue };
             for file in r.objects() {
-                match archive.get_backup_file(&b.name, &file).await {
+                match archive.get_backup_file(&b.name, &file, None).await {
                     Ok(Some(_)) => {}
                     Ok(None) => b.damaged = Some(format!("{}/{file} is missing", b.name)),
                     Err(e) if e.class() == crate::store::Class::Damaged => {

@@ -81,13 +81,15 @@ impl Archive {
     }
 
     /// The verified plaintext of one object of a backup; None when it is not stored.
+    /// `size`: its plaintext length when known (one allocation).
     pub async fn get_backup_file(
         &self,
         backup: &str,
         file: &str,
+        size: Option<u64>,
     ) -> Result<Option<Vec<u8>>, Error> {
         let obj = self.backup_obj(backup, file)?;
-        self.fetch_obj(&obj).await
+        self.fetch_obj(&obj, size).await
     }
 
     /// Every backup's objects, by backup name (complete or not).
@@ -189,10 +191,15 @@ mod tests {
             .await
             .is_err());
         assert_eq!(
-            a.get_backup_file("b1", "base.tar.000000").await.unwrap(),
+            a.get_backup_file("b1", "base.tar.000000", None)
+                .await
+                .unwrap(),
             Some(data.to_vec())
         );
-        assert_eq!(a.get_backup_file("b1", "nothing").await.unwrap(), None);
+        assert_eq!(
+            a.get_backup_file("b1", "nothing", None).await.unwrap(),
+            None
+        );
         let listed = a.backup_objects().await.unwrap();
         assert_eq!(
             listed["b1"].files.keys().collect::<Vec<_>>(),
@@ -203,7 +210,10 @@ mod tests {
         let from = a.backup_obj("b1", "base.tar.000000").unwrap().path;
         let to = a.backup_obj("b1", "base.tar.000001").unwrap().path;
         store.as_ref().copy(&from, &to).await.unwrap();
-        assert!(a.get_backup_file("b1", "base.tar.000001").await.is_err());
+        assert!(a
+            .get_backup_file("b1", "base.tar.000001", None)
+            .await
+            .is_err());
         assert!(a.backup_obj("../x", "y").is_err());
         a.delete_backup("b1", &a.backup_objects().await.unwrap()["b1"])
             .await

@@ -1042,12 +1042,14 @@ impl Archive {
     }
 
     async fn fetch_inner(&self, name: &ArchiveName) -> Result<Option<Vec<u8>>, Error> {
-        self.fetch_obj(&self.obj(name)).await
+        self.fetch_obj(&self.obj(name), None).await
     }
 
-    /// `obj`'s verified plaintext in memory; None when it is absent.
-    async fn fetch_obj(&self, obj: &Obj) -> Result<Option<Vec<u8>>, Error> {
-        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+    /// `obj`'s verified plaintext in memory; None when it is absent. `size`: its plaintext
+    /// length when known, so the buffer is allocated once (chunks land in any order).
+    async fn fetch_obj(&self, obj: &Obj, size: Option<u64>) -> Result<Option<Vec<u8>>, Error> {
+        let cap = size.map_or(0, |n| usize::try_from(n).unwrap_or(0).min(1 << 30));
+        let out = Arc::new(std::sync::Mutex::new(Vec::with_capacity(cap)));
         let o = out.clone();
         let sink = Box::new(move |at: u64, data: &[u8]| {
             let mut v = o.lock().unwrap_or_else(|p| p.into_inner());
@@ -1059,7 +1061,7 @@ impl Archive {
             Ok(())
         });
         Ok(self
-            .open_object(obj, None, sink)
+            .open_object(obj, size, sink)
             .await?
             .map(|_| std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))))
     }
