@@ -181,13 +181,7 @@ async fn unpack(
             inner: &mut reader,
             n: 0,
         };
-        {
-            let mut tar = tar::Archive::new(&mut counted);
-            tar.set_preserve_permissions(true);
-            tar.set_preserve_mtime(true);
-            tar.set_overwrite(false);
-            tar.unpack(&dest_owned)?;
-        }
+        unpack_tar(&mut counted, &dest_owned)?;
         // Whatever follows the end of the tar is read too: every chunk is checked.
         std::io::copy(&mut counted, &mut std::io::sink())?;
         Ok(counted.n)
@@ -265,6 +259,111 @@ async fn unpack(
             "{} of backup {} holds {n} bytes, its record says {}: the directory is incomplete",
             which.name, record.name, which.bytes
         )));
+    }
+    Ok(())
+}
+
+/// Where a member of a backup's tar goes under `dest`: relative, plain components only.
+fn member_path(dest: &Path, member: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut out = dest.to_path_buf();
+    let mut any = false;
+    for c in member.components() {
+        match c {
+            Component::Normal(p) => {
+                out.push(p);
+                any = true;
+            }
+            Component::CurDir => {}
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "tar member {} leaves the directory",
+                    member.display()
+                )))
+            }
+        }
+    }
+    if !any {
+        return Err(std::io::Error::other("a tar member without a name"));
+    }
+    Ok(out)
+}
+
+/// Unpacks a backup's tar into the empty directory `dest`: directories, regular files and
+/// symbolic links (what BASE_BACKUP sends; anything else is refused), with their modes and
+/// times. Files are created new (never through something already there) and written in
+/// 1 MiB pieces: small writes make the filesystem zero each new page again and again. A
+/// member below a link this restore created is refused, so no member reaches outside `dest`.
+fn unpack_tar(reader: &mut impl Read, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let mut tar = tar::Archive::new(reader);
+    let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
+    let mut links: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let member = entry.path()?.into_owned();
+        let path = member_path(dest, &member)?;
+        if path.ancestors().skip(1).any(|a| links.contains(a)) {
+            return Err(std::io::Error::other(format!(
+                "tar member {} lies below a link",
+                member.display()
+            )));
+        }
+        let header = entry.header();
+        let mode = header.mode()? & 0o7777;
+        let mtime = header.mtime().unwrap_or(0);
+        match header.entry_type() {
+            tar::EntryType::Directory => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&path)?;
+                dirs.push((path, mode, mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if let Some(parent) = path.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode & 0o777)
+                    .open(&path)?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                std::io::copy(&mut entry, &mut out)?;
+                let file = out.into_inner().map_err(|e| e.into_error())?;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry.link_name()?.ok_or_else(|| {
+                    std::io::Error::other(format!("link {} has no target", member.display()))
+                })?;
+                if let Some(parent) = path.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)?;
+                }
+                std::os::unix::fs::symlink(&target, &path)?;
+                links.insert(path);
+            }
+            t => {
+                return Err(std::io::Error::other(format!(
+                    "tar member {} is a {t:?}, which a base backup does not hold",
+                    member.display()
+                )))
+            }
+        }
+    }
+    // Directories' modes and times last: files written into them changed both.
+    for (path, mode, mtime) in dirs.into_iter().rev() {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        std::fs::File::open(&path)?
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
     }
     Ok(())
 }
@@ -452,4 +551,85 @@ fn sync_fs(dir: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory {
+                0o700
+            } else {
+                0o600
+            });
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
+            if *kind == tar::EntryType::Symlink {
+                h.set_link_name("/etc").unwrap();
+            }
+            // Names that `append_data` would refuse are written raw, as a hostile tar would.
+            let bytes = name.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn unpacks_directories_and_files_and_refuses_escapes_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 3 << 20];
+        let t = tar_of(&[
+            ("base", tar::EntryType::Directory, b""),
+            ("base/1", tar::EntryType::Directory, b""),
+            ("base/1/1259", tar::EntryType::Regular, &data),
+            ("PG_VERSION", tar::EntryType::Regular, b"15\n"),
+        ]);
+        unpack_tar(&mut &t[..], dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("base/1/1259")).unwrap(), data);
+        assert_eq!(
+            std::fs::read(dir.path().join("PG_VERSION")).unwrap(),
+            b"15\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("PG_VERSION"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A link is made as a link, never followed.
+        let l = tempfile::tempdir().unwrap();
+        let t = tar_of(&[("pg_wal", tar::EntryType::Symlink, b"")]);
+        unpack_tar(&mut &t[..], l.path()).unwrap();
+        assert_eq!(
+            std::fs::read_link(l.path().join("pg_wal")).unwrap(),
+            Path::new("/etc")
+        );
+
+        for bad in [
+            tar_of(&[("../escape", tar::EntryType::Regular, b"x")]),
+            tar_of(&[("/etc/escape", tar::EntryType::Regular, b"x")]),
+            tar_of(&[("a/../../escape", tar::EntryType::Regular, b"x")]),
+            tar_of(&[
+                ("link", tar::EntryType::Symlink, b""),
+                ("link/escape", tar::EntryType::Regular, b"x"),
+            ]),
+            tar_of(&[("hard", tar::EntryType::Link, b"")]),
+            // A member over one already there is refused, never written through.
+            tar_of(&[
+                ("twice", tar::EntryType::Regular, b"x"),
+                ("twice", tar::EntryType::Regular, b"y"),
+            ]),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            assert!(unpack_tar(&mut &bad[..], d.path()).is_err());
+            assert!(!d.path().parent().unwrap().join("escape").exists());
+        }
+    }
 }
