@@ -582,6 +582,14 @@ mod tests {
     }
 
     #[test]
+    fn settings_are_quoted_as_postgresql_conf_reads_them() {
+        assert_eq!(conf_quote("cp /a/%f %p").unwrap(), "'cp /a/%f %p'");
+        assert_eq!(conf_quote("it's").unwrap(), "'it''s'");
+        assert_eq!(conf_quote(r"c:\x").unwrap(), r"'c:\\x'");
+        assert!(conf_quote("a\nrecovery_target_action = 'shutdown'").is_err());
+    }
+
+    #[test]
     fn unpacks_directories_and_files_and_refuses_escapes_and_links() {
         let dir = tempfile::tempdir().unwrap();
         let data = vec![7u8; 3 << 20];

@@ -271,3 +271,26 @@ pub async fn restore(settings: &Settings, args: &RestoreArgs) -> Result<(), Fail
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_restore_command_doubles_a_percent_of_a_path() {
+        let settings = Settings {
+            archive: "file:///srv/wal%20archive".into(),
+            key_file: Some(PathBuf::from("/etc/walfs/key")),
+            cache_dir: PathBuf::from("/var/cache/walfs"),
+            compression_level: 3,
+            retry_timeout: std::time::Duration::from_secs(60),
+            cache_size: 1 << 30,
+            recovery_timeout: crate::config::Wait::Forever,
+            standby_timeout: std::time::Duration::from_secs(5),
+            config_file: None,
+        };
+        let c = default_restore_command(&settings);
+        assert!(c.contains("file:///srv/wal%%20archive"), "{c}");
+        assert!(c.ends_with(" fetch %f %p"), "{c}");
+    }
+}

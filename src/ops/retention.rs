@@ -213,6 +213,26 @@ mod tests {
     }
 
     #[test]
+    fn a_protected_timeline_keeps_its_segments_below_the_cut() {
+        // Timeline 2 rolled back to segment 3; the cut (a kept backup on timeline 1) is at 6.
+        let mut e: Vec<Entry> = (1..=8).map(|n| seg(1, n, 0)).collect();
+        e.extend((3..=5).map(|n| seg(2, n, 0)));
+        e.push(entry("00000002.history", 0));
+        let mut anc = BTreeMap::new();
+        anc.insert(2, vec![1]);
+        let p = plan(&e, &anc, size(), Rule::Before(6), Some(2)).expect("plan");
+        assert!(
+            p.delete.iter().all(|n| n.starts_with("00000001")),
+            "{:?}",
+            p.delete
+        );
+        assert_eq!(p.delete.len(), 5);
+        // Without the protection timeline 2 would go whole.
+        let p = plan(&e, &anc, size(), Rule::Before(6), None).expect("plan");
+        assert!(p.delete.iter().any(|n| n.starts_with("00000002")));
+    }
+
+    #[test]
     fn before_cuts_every_timeline_at_one_segment() {
         let mut e: Vec<Entry> = (1..=5).map(|n| seg(1, n, 0)).collect();
         e.extend((5..=8).map(|n| seg(2, n, 0)));
