@@ -20,7 +20,11 @@
 //! than authoritative absence goes through [`crate::restore::Policy`]: a recovering server's
 //! read waits for the store, or has its restore_command killed so PostgreSQL stops with FATAL;
 //! it never sees ENOENT for a file it cannot get.
+//!
+//! The root's `backups/` subdirectory (base backups as tar files, read-only) is
+//! [`crate::backupfs`]; this module only routes its inodes and handles there.
 
+use crate::backupfs::{self, BackupFs};
 use crate::cache::{Cache, CachedFile, LoadError};
 use crate::caller::Processes;
 use crate::restore::{Policy, Refusal, Trouble};
@@ -35,6 +39,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub const ROOT: u64 = 1;
+/// The first inode of an archived file (those below are fixed: the root, `backups`).
+const FIRST_FILE_INO: u64 = 16;
 /// Archived files never change: the kernel may keep their attributes a while.
 pub const TTL_ARCHIVED: Duration = Duration::from_secs(60);
 pub const TTL_ROOT: Duration = Duration::from_secs(1);
@@ -192,6 +198,8 @@ struct DirCursor {
     segment_size: Option<u64>,
     /// Spooled names not (yet) seen in the archive's listing, listed after it (last first).
     spooled: Vec<ArchiveName>,
+    /// Whether `backups` is listed (the archive holds a backup).
+    backups: bool,
 }
 
 enum Open {
@@ -204,6 +212,10 @@ enum Open {
         writer: Arc<WriteFile>,
     },
     Dir(Arc<tokio::sync::Mutex<DirCursor>>),
+    /// A file of the `backups/` view.
+    View(backupfs::Reader),
+    /// A directory of the `backups/` view and its entries, read at the first readdir.
+    ViewDir(u64, tokio::sync::Mutex<Option<Vec<(u64, bool, String)>>>),
 }
 
 /// A file opened for reading.
@@ -233,7 +245,7 @@ impl State {
             }
             return ino;
         }
-        self.next_ino = self.next_ino.max(ROOT) + 1;
+        self.next_ino = self.next_ino.max(FIRST_FILE_INO) + 1;
         let ino = self.next_ino;
         self.nodes.insert(
             ino,
@@ -295,6 +307,7 @@ pub struct Fs {
     policy: Policy,
     procs: Arc<dyn Processes>,
     state: Mutex<State>,
+    backups: BackupFs,
 }
 
 impl Fs {
@@ -305,6 +318,7 @@ impl Fs {
         procs: Arc<dyn Processes>,
     ) -> Fs {
         Fs {
+            backups: BackupFs::new(cache.archive().clone()),
             cache,
             opts,
             policy,
@@ -364,6 +378,13 @@ impl Fs {
     }
 
     pub async fn lookup(&self, parent: u64, name: &OsStr, pid: u32) -> Result<Attr, FsError> {
+        if parent == ROOT && name == backupfs::DIR_NAME {
+            return Ok(BackupFs::dir_attr());
+        }
+        if BackupFs::owns(parent) {
+            let name = name.to_str().ok_or(FsError::NotFound)?;
+            return self.backups.lookup(parent, name).await;
+        }
         // Odd names (editors' probes, `.Trash`) are simply absent.
         let name = parse_child(parent, name).ok_or(FsError::NotFound)?;
         {
@@ -410,6 +431,9 @@ impl Fs {
         if ino == ROOT {
             return Ok(Self::root());
         }
+        if BackupFs::owns(ino) {
+            return self.backups.getattr(ino).await;
+        }
         let (name, writer) = {
             let st = self.state();
             let n = st.node(ino)?;
@@ -435,6 +459,9 @@ impl Fs {
     ) -> Result<Attr, FsError> {
         if ino == ROOT || owner_or_mode {
             return Err(FsError::NotPermitted);
+        }
+        if BackupFs::owns(ino) {
+            return Err(FsError::ReadOnly);
         }
         let (name, writer) = {
             let st = self.state();
@@ -467,6 +494,9 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        if BackupFs::owns(parent) {
+            return Err(FsError::ReadOnly);
+        }
         let name = parse_child(parent, name).ok_or(FsError::NotFound)?;
         if self.opts.read_only {
             return Err(FsError::ReadOnly);
@@ -509,7 +539,7 @@ impl Fs {
 
     /// A new file (`cp`'s `open(O_CREAT)`): returns its attributes and a write handle.
     pub fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, u64), FsError> {
-        if self.opts.read_only {
+        if self.opts.read_only || BackupFs::owns(parent) {
             return Err(FsError::ReadOnly);
         }
         let Some(archive_name) = parse_child(parent, name) else {
@@ -536,6 +566,18 @@ impl Fs {
     }
 
     pub async fn open(&self, ino: u64, write: bool, pid: u32) -> Result<Opened, FsError> {
+        if BackupFs::owns(ino) {
+            if write {
+                return Err(FsError::ReadOnly);
+            }
+            let reader = self.backups.open(ino).await?;
+            return Ok(Opened {
+                fh: self.state().add_handle(Open::View(reader)),
+                file: None,
+                // A backup's files never change.
+                keep_cache: true,
+            });
+        }
         let (name, writing) = {
             let st = self.state();
             let n = st.node(ino)?;
@@ -626,7 +668,11 @@ impl Fs {
                 let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
                 w.file.read_exact_at(&mut buf, offset).map(|()| buf)
             }
-            Open::Dir(_) => Err(std::io::Error::from_raw_os_error(libc::EISDIR)),
+            Open::Dir(_) | Open::ViewDir(..) => {
+                Err(std::io::Error::from_raw_os_error(libc::EISDIR))
+            }
+            // Fetched from the store: answered by `read_patiently`, off this thread.
+            Open::View(_) => Err(std::io::ErrorKind::WouldBlock.into()),
         }
     }
 
@@ -639,10 +685,13 @@ impl Fs {
         size: u32,
         pid: u32,
     ) -> Result<Vec<u8>, FsError> {
-        let name = match self.handle(fh)?.as_ref() {
+        let open = self.handle(fh)?;
+        let name = match open.as_ref() {
             Open::Read { ino, .. } => self.state().node(*ino)?.name.clone(),
             Open::Write { name, .. } => name.clone(),
-            Open::Dir(_) => return Err(FsError::BadHandle),
+            // Not a restore_command read: no waiting, a failure is EIO.
+            Open::View(r) => return r.read(offset, size).await,
+            Open::Dir(_) | Open::ViewDir(..) => return Err(FsError::BadHandle),
         };
         self.policy
             .read(
@@ -787,7 +836,7 @@ impl Fs {
                     st.drop_if_unused(i);
                 }
             }
-            Open::Dir(_) => {}
+            Open::Dir(_) | Open::View(_) | Open::ViewDir(..) => {}
         }
     }
 
@@ -800,6 +849,11 @@ impl Fs {
     }
 
     pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        if BackupFs::owns(ino) {
+            return Ok(self
+                .state()
+                .add_handle(Open::ViewDir(ino, tokio::sync::Mutex::new(None))));
+        }
         if ino != ROOT {
             return Err(FsError::NotDir);
         }
@@ -811,12 +865,13 @@ impl Fs {
                 pending: None,
                 segment_size: None,
                 spooled: Vec::new(),
+                backups: false,
             })))))
     }
 
     /// Lists the directory from `offset`, handing entries to `add(ino, next offset, is_dir,
-    /// name)` until it says the reply is full. Offsets: "." is 1, ".." is 2, the i-th archived
-    /// file is 3 + i.
+    /// name)` until it says the reply is full. Offsets: "." is 1, ".." is 2, `backups` (when
+    /// listed) is 3, the i-th archived file is 4 + i.
     pub async fn readdir(
         &self,
         fh: u64,
@@ -824,8 +879,27 @@ impl Fs {
         mut add: impl FnMut(u64, u64, bool, &str) -> bool,
     ) -> Result<(), FsError> {
         let open = self.handle(fh)?;
-        let Open::Dir(cursor) = open.as_ref() else {
-            return Err(FsError::BadHandle);
+        let cursor = match open.as_ref() {
+            Open::Dir(cursor) => cursor,
+            Open::ViewDir(ino, entries) => {
+                let mut entries = entries.lock().await;
+                if entries.is_none() {
+                    *entries = Some(self.backups.entries(*ino).await?);
+                }
+                let parent = BackupFs::parent(*ino);
+                let dots = [
+                    (*ino, true, ".".to_string()),
+                    (parent, true, "..".to_string()),
+                ];
+                let all = dots.iter().chain(entries.iter().flatten());
+                for (i, (ino, dir, name)) in all.enumerate().skip(offset as usize) {
+                    if add(*ino, i as u64 + 1, *dir, name) {
+                        break;
+                    }
+                }
+                return Ok(());
+            }
+            _ => return Err(FsError::BadHandle),
         };
         let mut c = cursor.lock().await;
         if c.stream.is_none() || offset != c.next {
@@ -850,7 +924,8 @@ impl Fs {
                 }
             };
             c.spooled.reverse();
-            let mut skip = offset.saturating_sub(2);
+            c.backups = self.backups.any().await?;
+            let mut skip = offset.saturating_sub(3);
             while skip > 0 {
                 match c.stream.as_mut().map(|s| s.next()) {
                     Some(next) => match next.await {
@@ -875,6 +950,13 @@ impl Fs {
                 return Ok(());
             }
             pos = 2;
+        }
+        if pos == 2 {
+            if c.backups && add(backupfs::DIR_INO, 3, true, backupfs::DIR_NAME) {
+                c.next = 2;
+                return Ok(());
+            }
+            pos = 3;
         }
         loop {
             let entry = match c.pending.take() {
@@ -1246,5 +1328,129 @@ mod tests {
         assert_eq!(rig.stored(SEG2).await, None);
         rig.cp_in(SEG2, &seg2).await.unwrap();
         assert!(rig.stored(SEG2).await.unwrap() == seg2);
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+    use crate::cache::CacheOptions;
+    use crate::caller::{FakeProcs, Role};
+    use crate::envelope::SealOptions;
+    use crate::store::{test_segment, Archive};
+    use object_store::memory::InMemory;
+    use object_store::path::Path as StorePath;
+
+    async fn fs_with(segments: u32, backup: bool) -> (Fs, tempfile::TempDir) {
+        let archive = Arc::new(Archive::with_store(
+            Arc::new(InMemory::new()),
+            StorePath::from("pfx"),
+            "memory:///pfx",
+            None,
+            SealOptions::default(),
+        ));
+        for i in 1..=segments {
+            let n = ArchiveName::parse(&format!("0000000100000000{i:08X}")).unwrap();
+            archive
+                .push(&n, test_segment(n.as_str(), 7, 1 << 20))
+                .await
+                .unwrap();
+        }
+        if backup {
+            archive
+                .put_backup_file("b1", "base.tar.000000", bytes::Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(
+            archive,
+            &CacheOptions {
+                dir: dir.path().to_path_buf(),
+                max_bytes: 64 << 20,
+                prefetch_bytes: 0,
+                prefetch_concurrency: 1,
+                serve_partial: false,
+            },
+        )
+        .unwrap();
+        let fs = Fs::new(
+            Arc::new(cache),
+            MountOptions {
+                uid: 0,
+                gid: 0,
+                read_only: false,
+                allow_delete: false,
+                allow_other: false,
+                passthrough: false,
+            },
+            Policy {
+                recovery_timeout: Some(Duration::from_millis(500)),
+                standby_timeout: Duration::from_millis(300),
+                other_timeout: Duration::from_millis(300),
+                empty_if_new: false,
+            },
+            Arc::new(FakeProcs::new(Role::Other)),
+        );
+        (fs, dir)
+    }
+
+    /// The whole root listing, `per_reply` entries per readdir call, as the kernel resumes it
+    /// by offset (on the same handle, or on a new one each time, as after a seek).
+    async fn list(fs: &Fs, per_reply: usize, fresh: bool) -> Vec<(String, bool)> {
+        let mut fh = fs.opendir(ROOT).unwrap();
+        let (mut out, mut offset) = (Vec::new(), 0);
+        loop {
+            if fresh {
+                fs.releasedir(fh);
+                fh = fs.opendir(ROOT).unwrap();
+            }
+            let mut got = Vec::new();
+            fs.readdir(fh, offset, |_, next, dir, name| {
+                if got.len() == per_reply {
+                    return true;
+                }
+                got.push((name.to_string(), dir, next));
+                false
+            })
+            .await
+            .unwrap();
+            let Some(last) = got.last() else { break };
+            offset = last.2;
+            out.extend(got.into_iter().map(|(n, d, _)| (n, d)));
+        }
+        fs.releasedir(fh);
+        out
+    }
+
+    #[tokio::test]
+    async fn backups_are_listed_once_and_only_when_there_are_any() {
+        for (backup, want_dir) in [(false, false), (true, true)] {
+            let (fs, _dir) = fs_with(5, backup).await;
+            for (per_reply, fresh) in [1, 2, 3, 100]
+                .into_iter()
+                .flat_map(|n| [(n, false), (n, true)])
+            {
+                let l = list(&fs, per_reply, fresh).await;
+                let files: Vec<&str> = l.iter().filter(|e| !e.1).map(|e| e.0.as_str()).collect();
+                assert_eq!(files.len(), 5, "{l:?}");
+                assert!(files.windows(2).all(|w| w[0] < w[1]), "{l:?}");
+                let dirs: Vec<&str> = l.iter().filter(|e| e.1).map(|e| e.0.as_str()).collect();
+                let want: &[&str] = if want_dir {
+                    &[".", "..", "backups"]
+                } else {
+                    &[".", ".."]
+                };
+                assert_eq!(dirs, want, "{l:?}");
+            }
+            // Looked up either way; nothing may be created in it.
+            let attr = fs.lookup(ROOT, OsStr::new("backups"), 1).await.unwrap();
+            assert!(attr.dir);
+            assert_eq!(
+                fs.create(attr.ino, OsStr::new("000000010000000000000009"))
+                    .unwrap_err(),
+                FsError::ReadOnly
+            );
+        }
     }
 }

@@ -1,9 +1,12 @@
 //! walfs: a PostgreSQL WAL archive in an object store, presented as a directory.
 //!
 //! Data flows one way: `cli`/`fuse` → `fs` → `cache` → `store` → `envelope`; `wal` is
-//! vocabulary shared by all, `restore` and `caller` decide what a failed read means.
+//! vocabulary shared by all, `restore` and `caller` decide what a failed read means. Base
+//! backups: `cli` → `backup` → `store`, and the mount's `backups/` view `fs` → `backupfs` →
+//! `backup`/`store`.
 
 pub mod backup;
+pub mod backupfs;
 pub mod cache;
 pub mod caller;
 pub mod cli;

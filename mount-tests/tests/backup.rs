@@ -323,11 +323,81 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
         age = scrape(port).and_then(|t| metric(&t, "walfs_backup_newest_age_seconds"));
         age.is_some()
     });
-    mount.stop();
     assert!(
         age.is_some_and(|a| (0.0..600.0).contains(&a)),
         "walfs_backup_newest_age_seconds: {age:?}"
     );
+
+    // The mount shows the complete backup, never the killed one, as plain tars that stock
+    // tools restore: extracted with tar and checked with pg_verifybackup against the manifest.
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+            .map(|d| d.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(names(mount.path()).contains(&"backups".to_string()));
+    assert_eq!(names(&mount.path().join("backups")), [good_name]);
+    let shown = mount.path().join("backups").join(good_name);
+    let files = names(&shown);
+    let ts_tar: Vec<&String> = files
+        .iter()
+        .filter(|f| f.ends_with(".tar") && *f != "base.tar")
+        .collect();
+    assert!(
+        files.contains(&"base.tar".to_string())
+            && files.contains(&"backup_manifest".to_string())
+            && ts_tar.len() == 1,
+        "{files:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(shown.join("base.tar"))
+            .expect("stat base.tar")
+            .len(),
+        good["record"]["archives"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == "base.tar"))
+            .and_then(|t| t["bytes"].as_u64())
+            .expect("base.tar's bytes"),
+    );
+    let (_, untarred, _) = s.restore_dir("from-mount");
+    let oid = ts_tar[0].trim_end_matches(".tar");
+    let ts_dir = untarred.join("pg_tblspc").join(oid);
+    sh_ok(as_postgres("mkdir").arg("-p").arg(&ts_dir));
+    sh_ok(
+        as_postgres("tar")
+            .arg("-x")
+            .arg("-f")
+            .arg(shown.join("base.tar"))
+            .arg("-C")
+            .arg(&untarred),
+    );
+    sh_ok(
+        as_postgres("tar")
+            .arg("-x")
+            .arg("-f")
+            .arg(shown.join(ts_tar[0]))
+            .arg("-C")
+            .arg(&ts_dir),
+    );
+    let out = sh_ok(
+        as_postgres(pg_bin("pg_verifybackup"))
+            .arg("--no-parse-wal")
+            .arg("--manifest-path")
+            .arg(shown.join("backup_manifest"))
+            .arg(&untarred),
+    );
+    assert!(
+        stdout_str(&out).contains("successfully verified"),
+        "{}",
+        stdout_str(&out)
+    );
+    // Nothing there can be written.
+    let err = std::fs::write(shown.join("extra"), b"x").expect_err("a write into backups/");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    mount.stop();
     let chunk = s
         .archive
         .join("backups")
@@ -359,6 +429,30 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
     );
     assert!(!data.join("recovery.signal").exists());
     assert_eq!(out.status.code(), Some(4), "damage exits 4: {err}");
+    // Through a mount, the damaged chunk is an I/O error, never bytes and never a short file.
+    let mut mount = WalfsMount::start_with(
+        &s.scratch.path().join("m2"),
+        &local_args(&s.archive, Some(&s.key)),
+        &["--read-only".into()],
+        &[],
+    );
+    let out = sh_fails(
+        Command::new("cp")
+            .arg(
+                mount
+                    .path()
+                    .join("backups")
+                    .join(good_name)
+                    .join("base.tar"),
+            )
+            .arg(s.scratch.path().join("copied.tar")),
+    );
+    assert!(
+        stderr_str(&out).contains("Input/output error"),
+        "{}",
+        stderr_str(&out)
+    );
+    mount.stop();
 
     // verify lists chunks; --deep opens them and finds the damage.
     sh_ok(&mut s.walfs(&["verify"]));

@@ -107,13 +107,33 @@ pub struct WalRangeRecord {
     pub end: Lsn,
 }
 
+impl ArchiveRecord {
+    /// The name of chunk `i`.
+    pub fn chunk_file(&self, i: u32) -> String {
+        format!("{}.{i:06}", self.name)
+    }
+
+    /// The plaintext length of chunk `i`: `chunk_size` for every chunk but the last, which
+    /// holds the rest (None when the record does not know its chunk size).
+    pub fn chunk_len(&self, i: u32, chunk_size: u64) -> Option<u64> {
+        (chunk_size > 0).then(|| {
+            if i + 1 < self.chunks {
+                chunk_size
+            } else {
+                self.bytes
+                    .saturating_sub(chunk_size * u64::from(self.chunks.saturating_sub(1)))
+            }
+        })
+    }
+}
+
 impl BackupRecord {
     /// Every object the record promises: each archive's chunks and the manifest.
     pub fn objects(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .archives
             .iter()
-            .flat_map(|a| (0..a.chunks).map(move |i| format!("{}.{i:06}", a.name)))
+            .flat_map(|a| (0..a.chunks).map(move |i| a.chunk_file(i)))
             .collect();
         v.push(MANIFEST.to_string());
         v
@@ -276,7 +296,7 @@ impl Run {
         w.record.bytes += data.len() as u64;
         while w.buf.len() >= self.chunk_size {
             let chunk = w.buf.split_to(self.chunk_size).freeze();
-            let file = format!("{}.{:06}", w.record.name, w.record.chunks);
+            let file = w.record.chunk_file(w.record.chunks);
             w.record.chunks += 1;
             self.upload(file, chunk).await?;
         }
@@ -290,7 +310,7 @@ impl Run {
     ) -> Result<ArchiveRecord, BackupError> {
         if !w.buf.is_empty() || w.record.chunks == 0 {
             let chunk = w.buf.split().freeze();
-            let file = format!("{}.{:06}", w.record.name, w.record.chunks);
+            let file = w.record.chunk_file(w.record.chunks);
             w.record.chunks += 1;
             self.upload(file, chunk).await?;
         }
@@ -702,6 +722,22 @@ pub async fn newest_finished(archive: &Archive) -> Result<Option<i64>, BackupErr
 
 /// Every backup in the archive, oldest first; incomplete ones say so.
 pub async fn list(archive: &Archive) -> Result<Vec<Listed>, BackupError> {
+    let mut out = list_records(archive).await?;
+    for l in &mut out {
+        if let Some(r) = &l.record {
+            l.missing_wal = missing_wal(archive, r)
+                .await?
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+        }
+    }
+    Ok(out)
+}
+
+/// Every backup in the archive with its record when complete (every object it lists
+/// present), oldest first, without checking the WAL they need.
+pub async fn list_records(archive: &Archive) -> Result<Vec<Listed>, BackupError> {
     let mut out = Vec::new();
     for (name, objects) in archive.backup_objects().await? {
         let mut damaged = None;
@@ -727,21 +763,13 @@ pub async fn list(archive: &Archive) -> Result<Vec<Listed>, BackupError> {
         } else {
             None
         };
-        let missing_wal = match &record {
-            Some(r) => missing_wal(archive, r)
-                .await?
-                .iter()
-                .map(|n| n.to_string())
-                .collect(),
-            None => Vec::new(),
-        };
         out.push(Listed {
             name,
             damaged,
             complete: record.is_some(),
             stored_bytes: objects.stored_bytes(),
             record,
-            missing_wal,
+            missing_wal: Vec::new(),
         });
     }
     out.sort_by(|a, b| {

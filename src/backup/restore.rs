@@ -194,17 +194,8 @@ async fn unpack(
         let which = which.clone();
         async move {
             for i in 0..which.chunks {
-                let file = format!("{}.{i:06}", which.name);
-                // Every chunk but the last holds chunk_size bytes.
-                let size = (chunk_size > 0).then(|| {
-                    if i + 1 < which.chunks {
-                        chunk_size
-                    } else {
-                        which
-                            .bytes
-                            .saturating_sub(chunk_size * u64::from(which.chunks - 1))
-                    }
-                });
+                let file = which.chunk_file(i);
+                let size = which.chunk_len(i, chunk_size);
                 let r = match archive.get_backup_file(&name, &file, size).await {
                     Ok(Some(b)) => Ok(Bytes::from(b)),
                     Ok(None) => {

@@ -131,6 +131,24 @@ pub fn plan(
     })
 }
 
+/// The timeline whose WAL retention must not touch at all: the newest timeline the archive
+/// holds WAL of (`newest_wal_timeline`), when no kept backup is on it. That WAL is what a
+/// server promoted after the newest backup writes; no backup needs it yet, and the next one
+/// will (a kept backup on it is covered by the cut already).
+pub fn protected_timeline(
+    plan: &BackupPlan,
+    listed: &[Listed],
+    newest_wal_timeline: Option<u32>,
+) -> Option<u32> {
+    let newest = newest_wal_timeline?;
+    let on_newest = listed
+        .iter()
+        .filter(|l| plan.keep.contains(&l.name))
+        .filter_map(|l| l.record.as_ref())
+        .any(|r| r.end_timeline == newest);
+    (!on_newest).then_some(newest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +181,43 @@ mod tests {
             files: 1,
             wal_ranges: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_newest_timeline_is_protected_unless_a_kept_backup_is_on_it() {
+        let l = vec![
+            listed(record("a", 1, 2, "2026-11-01T00:00:00Z")),
+            listed(record("b", 2, 8, "2026-11-02T00:00:00Z")),
+        ];
+        let p = plan(
+            &l,
+            &BTreeMap::new(),
+            Rule {
+                count: Some(1),
+                within: None,
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["b"]);
+        assert_eq!(protected_timeline(&p, &l, Some(3)), Some(3));
+        assert_eq!(protected_timeline(&p, &l, Some(2)), None);
+        assert_eq!(protected_timeline(&p, &l, None), None);
+        // A kept backup on timeline 3 covers it (the cut keeps what that backup needs).
+        let mut l3 = l.clone();
+        l3.insert(0, listed(record("c", 3, 1, "2026-10-01T00:00:00Z")));
+        let p = plan(
+            &l3,
+            &BTreeMap::new(),
+            Rule {
+                count: Some(1),
+                within: None,
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(p.keep, ["c"]);
+        assert_eq!(protected_timeline(&p, &l3, Some(3)), None);
     }
 
     fn listed(r: BackupRecord) -> Listed {

@@ -331,12 +331,8 @@ async fn backup_plan(
         .filter(|e| e.name.kind() == crate::wal::FileKind::Segment)
         .map(|e| e.name.timeline())
         .max();
-    let on_newest = listed
-        .iter()
-        .filter(|l| plan.keep.contains(&l.name))
-        .filter_map(|l| l.record.as_ref())
-        .any(|r| Some(r.end_timeline) == newest);
-    Ok((plan, newest.filter(|_| !on_newest)))
+    let protect = crate::backup::retain::protected_timeline(&plan, &listed, newest);
+    Ok((plan, protect))
 }
 
 pub(super) async fn import(

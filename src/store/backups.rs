@@ -12,8 +12,9 @@
 //! - Every object is written create-only: a name, once stored, never changes.
 //! - `backup.json` is written only after every chunk and the manifest are stored and the tars
 //!   matched the manifest. A backup without it did not complete: it is never listed as
-//!   usable, and its objects are what `walfs backup delete --incomplete` removes. The record
-//!   counts each archive's chunks, so a missing chunk is an error, never a short file.
+//!   usable, and retention (`walfs delete --retain`) removes its objects a day after the
+//!   last was written. The record counts each archive's chunks, so a missing chunk is an
+//!   error, never a short file.
 
 use super::{Archive, Error, Obj, Plain};
 use crate::wal::FileKind;
@@ -90,6 +91,16 @@ impl Archive {
     ) -> Result<Option<Vec<u8>>, Error> {
         let obj = self.backup_obj(backup, file)?;
         self.fetch_obj(&obj, size).await
+    }
+
+    /// Whether the archive holds any backup object (one listing request).
+    pub async fn any_backup(&self) -> Result<bool, Error> {
+        let dir = self.prefix.clone().join(BACKUP_DIR);
+        match self.store.list_with_delimiter(Some(&dir)).await {
+            Ok(r) => Ok(!r.common_prefixes.is_empty() || !r.objects.is_empty()),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(super::list_error(&self.url, e)),
+        }
     }
 
     /// Every backup's objects, by backup name (complete or not).
