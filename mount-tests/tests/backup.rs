@@ -23,10 +23,19 @@ struct Setup {
     archive: PathBuf,
     tablespace: PathBuf,
     primary: Postgres,
+    /// The archive's URL, and what walfs needs in its environment to reach it.
+    url: String,
+    env: Vec<(String, String)>,
 }
 
 impl Setup {
+    /// A keyed local archive (`scratch/archive`).
     fn new(tag: &str) -> Setup {
+        Setup::on(tag, None)
+    }
+
+    /// An archive at `store` (URL and environment), or a local one.
+    fn on(tag: &str, store: Option<(String, Vec<(String, String)>)>) -> Setup {
         let scratch = scratch_dir(tag);
         let bin = scratch.path().join("walfs");
         std::fs::copy(walfs_bin(), &bin).expect("copy walfs");
@@ -45,12 +54,16 @@ impl Setup {
                 ..Default::default()
             },
         );
+        let (url, env) =
+            store.unwrap_or_else(|| (format!("file://{}", archive.display()), Vec::new()));
         let s = Setup {
             scratch,
             bin,
             key,
             archive,
             tablespace,
+            url,
+            env,
             primary: {
                 primary.set_conf("archive_mode = on");
                 primary
@@ -61,11 +74,13 @@ impl Setup {
         s
     }
 
+    /// walfs as a shell command (archive_command, restore_command), its environment included.
     fn walfs_prefix(&self) -> String {
+        let env: String = self.env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
         format!(
-            "{} --config /dev/null --archive file://{} --key-file {}",
+            "env {env}{} --config /dev/null --archive {} --key-file {}",
             self.bin.display(),
-            self.archive.display(),
+            self.url,
             self.key.display()
         )
     }
@@ -88,8 +103,8 @@ impl Setup {
     }
 
     fn walfs_args(&self, c: &mut Command) {
-        c.args(["--config", "/dev/null", "--archive"])
-            .arg(format!("file://{}", self.archive.display()))
+        c.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(["--config", "/dev/null", "--archive", &self.url])
             .arg("--key-file")
             .arg(&self.key);
     }
@@ -630,4 +645,121 @@ fn retention_by_backup_keeps_what_kept_backups_need_across_two_timelines() {
         "{}",
         stdout_str(&out)
     );
+}
+
+/// The same promises on a real S3-protocol server (moto): a backup under load restores to the
+/// end through `walfs fetch`, its tars read whole through a mount, and a backup killed
+/// mid-stream is never listed as usable and is removed by retention once stale.
+#[test]
+fn on_s3_a_backup_restores_reads_through_the_mount_and_an_interrupted_one_is_cleaned_up() {
+    let s3 = S3Server::start();
+    s3.create_bucket("pgdb");
+    let mut s = Setup::on("backup-s3", Some(("s3://pgdb/cluster".into(), s3.env())));
+    s.primary.start();
+    s.primary.pgbench(&["-i", "-s", "2"]);
+    s.primary.psql(&format!(
+        "create tablespace ts location '{}'",
+        s.tablespace.display()
+    ));
+    s.primary
+        .psql("create table in_ts (i int) tablespace ts; insert into in_ts select generate_series(1, 100)");
+
+    // Killed mid-stream, once its first chunks are in the bucket.
+    let mut child = s
+        .walfs_root(&[
+            "backup",
+            "-d",
+            &s.conninfo(),
+            "--chunk-size",
+            "256KiB",
+            "--max-rate",
+            "1MiB",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start walfs backup");
+    let started = poll_until(Duration::from_secs(60), || {
+        s3.list_keys("pgdb", "cluster/backups/").len() >= 2
+    });
+    let still_running = child.try_wait().expect("try_wait").is_none();
+    child.kill().expect("kill -9 the backup");
+    let _ = child.wait();
+    assert!(started, "no chunk stored within 60 s");
+    assert!(still_running, "the backup ended before it could be killed");
+
+    let mut load = start_load(&s.primary, 5);
+    sh_ok(&mut s.walfs(&["backup", "-d", &s.conninfo(), "--chunk-size", "1MiB"]));
+    assert!(load.wait().expect("pgbench").success(), "pgbench failed");
+    s.primary.pgbench(&["-c", "2", "-t", "100"]);
+    let at_end = s.primary.psql(FINGERPRINT);
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived_upto(&last);
+
+    let listed = s.list();
+    let all = listed.as_array().expect("an array");
+    assert_eq!(all.len(), 2, "{listed:#}");
+    let name_of = |complete: bool| {
+        all.iter()
+            .find(|b| b["complete"] == complete)
+            .and_then(|b| b["name"].as_str())
+            .unwrap_or_else(|| panic!("a backup with complete={complete}: {listed:#}"))
+            .to_string()
+    };
+    let (good, killed) = (name_of(true), name_of(false));
+
+    // A mount on the bucket: only the complete backup, its tars whole.
+    let args = vec![
+        "--archive".to_string(),
+        s.url.clone(),
+        "--key-file".to_string(),
+        s.key.display().to_string(),
+    ];
+    let mut mount = WalfsMount::start_with(
+        &s.scratch.path().join("m"),
+        &args,
+        &["--read-only".into()],
+        &s.env,
+    );
+    let shown: Vec<String> = std::fs::read_dir(mount.path().join("backups"))
+        .expect("list backups/")
+        .map(|d| d.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(shown, std::slice::from_ref(&good));
+    let members = stdout_str(&sh_ok(
+        Command::new("tar")
+            .arg("-t")
+            .arg("-f")
+            .arg(mount.path().join("backups").join(&good).join("base.tar")),
+    ));
+    assert!(
+        members.lines().any(|l| l == "global/pg_control"),
+        "{members}"
+    );
+    mount.stop();
+
+    // Retention removes the killed backup once stale (here at once), and keeps the other.
+    let plan = stdout_str(&sh_ok(&mut s.walfs(&[
+        "delete",
+        "--retain",
+        "1",
+        "--incomplete-after",
+        "0s",
+        "--confirm",
+    ])));
+    assert!(
+        s3.list_keys("pgdb", &format!("cluster/backups/{killed}/"))
+            .is_empty(),
+        "{plan}"
+    );
+    assert!(!s3
+        .list_keys("pgdb", &format!("cluster/backups/{good}/"))
+        .is_empty());
+    let listed = s.list();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed:#}");
+
+    s.primary.stop();
+    let restore_command = format!("{} fetch %f %p", s.walfs_prefix());
+    let end = s.restore_and_start("s3-end", &["--restore-command", &restore_command]);
+    assert_eq!(end.psql(FINGERPRINT), at_end, "restored to the end from S3");
 }

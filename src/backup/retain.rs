@@ -9,7 +9,7 @@
 //!   restorable backup is kept whatever its age. No restorable backup at all: nothing is
 //!   planned.
 //! - Removed: every complete backup older than the oldest kept one, and incomplete ones (no
-//!   record) whose last object is older than [`STALE_INCOMPLETE`]. A backup whose record does
+//!   record) whose last object is older than [`Rule::incomplete_after`] (a day by default). A backup whose record does
 //!   not open is reported, never removed: it may be another key's.
 //! - WAL: cut at the lowest segment number where a kept backup starts, across timelines, by
 //!   the same planner as `--before` (history files a kept timeline needs stay). A timeline
@@ -23,7 +23,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-/// How old an incomplete backup's newest object must be before retention removes it.
+/// How old an incomplete backup's newest object must be before retention removes it, unless
+/// told otherwise.
 pub const STALE_INCOMPLETE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +33,19 @@ pub struct Rule {
     pub count: Option<usize>,
     /// Keep restorable backups that finished within this long.
     pub within: Option<Duration>,
+    /// Remove an incomplete backup once its newest object is this old (a running backup
+    /// writes one at least every chunk).
+    pub incomplete_after: Duration,
+}
+
+impl Default for Rule {
+    fn default() -> Rule {
+        Rule {
+            count: None,
+            within: None,
+            incomplete_after: STALE_INCOMPLETE,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -98,7 +112,7 @@ pub fn plan(
         .unwrap_or(oldest);
     let kept: Vec<&str> = keep.iter().map(|r| r.name.as_str()).collect();
     let stale_before = now
-        .checked_sub(STALE_INCOMPLETE)
+        .checked_sub(rule.incomplete_after)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut delete: Vec<(Option<SystemTime>, String)> = Vec::new();
     for l in listed {
@@ -195,6 +209,7 @@ mod tests {
             Rule {
                 count: Some(1),
                 within: None,
+                ..Default::default()
             },
             SystemTime::now(),
         )
@@ -212,6 +227,7 @@ mod tests {
             Rule {
                 count: Some(1),
                 within: None,
+                ..Default::default()
             },
             SystemTime::now(),
         )
@@ -249,6 +265,7 @@ mod tests {
             Rule {
                 count: Some(2),
                 within: None,
+                ..Default::default()
             },
             now,
         )
@@ -262,6 +279,7 @@ mod tests {
             Rule {
                 count: None,
                 within: Some(Duration::from_secs(15 * 86400)),
+                ..Default::default()
             },
             now,
         )
@@ -276,6 +294,7 @@ mod tests {
             Rule {
                 count: None,
                 within: Some(Duration::from_secs(86400)),
+                ..Default::default()
             },
             now,
         )
@@ -288,6 +307,7 @@ mod tests {
             Rule {
                 count: Some(1),
                 within: Some(Duration::from_secs(25 * 86400)),
+                ..Default::default()
             },
             now,
         )
@@ -312,6 +332,7 @@ mod tests {
             Rule {
                 count: Some(2),
                 within: None,
+                ..Default::default()
             },
             now,
         )
@@ -326,6 +347,7 @@ mod tests {
             Rule {
                 count: Some(1),
                 within: None,
+                ..Default::default()
             },
             now,
         )
@@ -381,6 +403,7 @@ mod tests {
             Rule {
                 count: Some(1),
                 within: None,
+                ..Default::default()
             },
             now,
         )
@@ -394,7 +417,8 @@ mod tests {
             &objects,
             Rule {
                 count: Some(0),
-                within: None
+                within: None,
+                ..Default::default()
             },
             now
         )
@@ -404,7 +428,8 @@ mod tests {
             &objects,
             Rule {
                 count: Some(3),
-                within: None
+                within: None,
+                ..Default::default()
             },
             now
         )

@@ -171,6 +171,10 @@ enum Command {
         /// newest; with --retain, those too)
         #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
         retain_for: Option<std::time::Duration>,
+        /// By backup: remove an incomplete backup (interrupted, never usable) once its newest
+        /// object is this old [default: 1d]; keep it longer than any backup may pause
+        #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+        incomplete_after: Option<std::time::Duration>,
         /// Really delete
         #[arg(long)]
         confirm: bool,
@@ -439,6 +443,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             older_than,
             retain,
             retain_for,
+            incomplete_after,
             confirm,
             json,
         } => {
@@ -447,6 +452,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 older_than,
                 retain,
                 retain_for,
+                incomplete_after,
                 confirm,
                 json,
             };

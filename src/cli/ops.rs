@@ -190,6 +190,7 @@ pub(super) struct DeleteArgs<'a> {
     pub older_than: Option<Duration>,
     pub retain: Option<usize>,
     pub retain_for: Option<Duration>,
+    pub incomplete_after: Option<Duration>,
     pub confirm: bool,
     pub json: bool,
 }
@@ -198,6 +199,12 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
     let archive = open_archive(settings, false)?;
     let size = archive.require_identity().await?.segment_size()?;
     let by_backup = args.retain.is_some() || args.retain_for.is_some();
+    if args.incomplete_after.is_some() && !by_backup {
+        return Err(Failure::new(
+            exit::USAGE,
+            "--incomplete-after goes with --retain or --retain-for (retention by backup)",
+        ));
+    }
     let mut backups = None;
     let (rule, protect) = match (args.before, args.older_than, by_backup) {
         (Some(s), None, false) => (retention::Rule::Before(segno_arg(s, size)?), None),
@@ -206,7 +213,14 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
             (retention::Rule::ModifiedBefore(cutoff as i64), None)
         }
         (None, None, true) => {
-            let (bplan, protect) = backup_plan(&archive, args.retain, args.retain_for).await?;
+            let rule = crate::backup::retain::Rule {
+                count: args.retain,
+                within: args.retain_for,
+                incomplete_after: args
+                    .incomplete_after
+                    .unwrap_or(crate::backup::retain::STALE_INCOMPLETE),
+            };
+            let (bplan, protect) = backup_plan(&archive, rule).await?;
             let rule = retention::Rule::Before(bplan.wal_before);
             backups = Some(bplan);
             (rule, protect)
@@ -312,17 +326,12 @@ pub(super) async fn delete(settings: &Settings, args: DeleteArgs<'_>) -> Result<
 /// when no kept backup is on it: its WAL is the only way there).
 async fn backup_plan(
     archive: &crate::store::Archive,
-    retain: Option<usize>,
-    retain_for: Option<Duration>,
+    rule: crate::backup::retain::Rule,
 ) -> Result<(crate::backup::retain::BackupPlan, Option<u32>), Failure> {
     use futures::TryStreamExt;
     let fail = |e: crate::backup::BackupError| Failure::new(exit::UNAVAILABLE, e.to_string());
     let listed = crate::backup::list(archive).await.map_err(fail)?;
     let objects = archive.backup_objects().await?;
-    let rule = crate::backup::retain::Rule {
-        count: retain,
-        within: retain_for,
-    };
     let plan = crate::backup::retain::plan(&listed, &objects, rule, std::time::SystemTime::now())
         .map_err(|e| Failure::new(exit::ABSENT_OR_REFUSED, e))?;
     let entries: Vec<crate::store::Entry> = archive.list(None).try_collect().await?;
