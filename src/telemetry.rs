@@ -72,6 +72,16 @@ fn describe() {
         "When the newest complete base backup in the archive finished (Unix time; read every 5 min)"
     );
     describe_gauge!(
+        "walfs_backup_streamed_bytes",
+        Unit::Bytes,
+        "A running walfs backup: bytes received from the server so far"
+    );
+    describe_gauge!(
+        "walfs_backup_expected_bytes",
+        Unit::Bytes,
+        "A running walfs backup: the server's estimate of the database size"
+    );
+    describe_gauge!(
         "walfs_backup_newest_age_seconds",
         Unit::Seconds,
         "Seconds since the newest complete base backup in the archive finished"

@@ -261,6 +261,7 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
         .psql("create table in_ts (i int) tablespace ts; insert into in_ts select 1");
 
     // Killed mid-stream: slowed to 1 MiB/s, killed once its first chunks are stored.
+    let progress_port = free_port();
     let mut child = s
         .walfs_root(&[
             "backup",
@@ -270,6 +271,8 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
             "256KiB",
             "--max-rate",
             "1MiB",
+            "--metrics-addr",
+            &format!("127.0.0.1:{progress_port}"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -287,11 +290,19 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
                     .unwrap_or(false)
             })
     });
+    // Its progress is in its metrics while it runs.
+    let streamed = scrape(progress_port)
+        .and_then(|t| metric(&t, "walfs_backup_streamed_bytes"))
+        .unwrap_or(0.0);
     let still_running = child.try_wait().expect("try_wait").is_none();
     child.kill().expect("kill -9 the backup");
     let _ = child.wait();
     assert!(started, "no chunk stored within 60 s");
     assert!(still_running, "the backup ended before it could be killed");
+    assert!(
+        streamed >= 256.0 * 1024.0,
+        "walfs_backup_streamed_bytes: {streamed}"
+    );
     let listed = s.list();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed:#}");
     assert_eq!(listed[0]["complete"], false, "{listed:#}");

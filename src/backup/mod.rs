@@ -428,6 +428,9 @@ pub async fn take(
     let mut files = Vec::new();
     let mut manifest_bytes: Option<BytesMut> = None;
     let mut last_report = Instant::now();
+    // Tar bytes received, and the progress shown: the larger of that and the server's count
+    // (never moving back).
+    let (mut received, mut streamed) = (0u64, 0u64);
     match conn.next_event().await? {
         QueryEvent::CopyStart => {}
         e => {
@@ -477,12 +480,22 @@ pub async fn take(
             }
             b'd' => match (&mut manifest_bytes, current.as_mut()) {
                 (Some(m), _) => m.extend_from_slice(&data),
-                (None, Some(w)) => run.write(w, &data).await?,
+                (None, Some(w)) => {
+                    run.write(w, &data).await?;
+                    // The server's own progress messages come about once a second.
+                    received += data.len() as u64;
+                    streamed = streamed.max(received);
+                    progress(Progress {
+                        done: streamed,
+                        total: (total > 0).then_some(total),
+                    });
+                }
                 (None, None) => return Err(protocol("archive data before any archive began")),
             },
             b'p' => {
                 if data.len() >= 8 {
-                    let done = data.get_u64();
+                    streamed = streamed.max(data.get_u64());
+                    let done = streamed;
                     progress(Progress {
                         done,
                         total: (total > 0).then_some(total),

@@ -31,6 +31,9 @@ pub struct BackupArgs {
     /// How long to wait for the WAL the backup needs to reach the archive
     #[arg(long, value_name = "DURATION", default_value = "5min", value_parser = config::parse_duration)]
     pub wal_timeout: std::time::Duration,
+    /// Serve the backup's progress as Prometheus metrics at http://ADDR/metrics while it runs
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,6 +78,9 @@ async fn take(settings: &Settings, args: &BackupArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     let archive = std::sync::Arc::new(open_archive(settings, false)?);
     archive.probe().await?;
+    if let Some(addr) = args.metrics_addr {
+        crate::telemetry::serve_metrics(addr).map_err(|e| Failure::new(exit::USAGE, e))?;
+    }
     let opts = BackupOptions {
         conn,
         label: args.label.clone(),
@@ -87,8 +93,10 @@ async fn take(settings: &Settings, args: &BackupArgs) -> Result<(), Failure> {
     let record = backup::take(archive, &opts, |p| {
         if let Some(total) = p.total {
             bar.set_length(total.max(p.done));
+            crate::telemetry::set_gauge("walfs_backup_expected_bytes", total as f64);
         }
         bar.set_position(p.done);
+        crate::telemetry::set_gauge("walfs_backup_streamed_bytes", p.done as f64);
     })
     .await
     .map_err(failure);

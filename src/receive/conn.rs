@@ -399,6 +399,16 @@ impl ReplicationConn {
                 Host::Tcp(h) => {
                     let s = tokio::net::TcpStream::connect((h.as_str(), p.port)).await?;
                     s.set_nodelay(true)?;
+                    // A server host that vanished (power, network) never closes the
+                    // connection: keepalives end it in about two minutes, where libpq's
+                    // default waits for the system's two hours. A server that is only slow
+                    // (a spread checkpoint before a backup's data) still answers them.
+                    socket2::SockRef::from(&s).set_tcp_keepalive(
+                        &socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(60))
+                            .with_interval(Duration::from_secs(10))
+                            .with_retries(6),
+                    )?;
                     return Ok(Err(s));
                 }
                 Host::Unix(dir) => {
