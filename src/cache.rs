@@ -648,7 +648,7 @@ impl Cache {
         set_counter("walfs_cache_misses_total", g(&s.misses));
         set_counter("walfs_prefetch_segments_total", g(&s.prefetched));
         set_counter("walfs_prefetch_wasted_total", g(&s.wasted));
-        set_gauge("walfs_read_stall_seconds", g(&s.stall_us) as f64 / 1e6);
+        set_counter("walfs_read_stall_milliseconds_total", g(&s.stall_us) / 1000);
         set_gauge("walfs_cache_bytes", self.files.weighted_size() as f64);
         set_gauge("walfs_cache_files", self.files.entry_count() as f64);
         crate::telemetry::tick();

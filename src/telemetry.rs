@@ -28,8 +28,60 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
         .install()
         .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
     describe();
+    zero_series();
     ENABLED.store(true, Ordering::Relaxed);
     Ok(())
+}
+
+/// Puts the labelled series alerts watch in place at 0 from the start: a counter that first
+/// appears at 1 has no increase to alert on, and a gauge that is absent cannot cross a line.
+fn zero_series() {
+    for op in ["push", "fetch"] {
+        counter!("walfs_archive_operations_total", "op" => op).absolute(0);
+        for kind in [
+            "config", "refused", "conflict", "damaged", "backend", "local",
+        ] {
+            counter!("walfs_archive_errors_total", "op" => op, "kind" => kind).absolute(0);
+        }
+    }
+    for role in ["recovery", "standby", "other", "unknown"] {
+        for outcome in ["failed", "stopped", "interrupted"] {
+            counter!("walfs_restore_refusals_total", "role" => role, "outcome" => outcome)
+                .absolute(0);
+        }
+    }
+    gauge!("walfs_restores_waiting").set(0.0);
+}
+
+/// Notes when the newest segment already in the archive was stored (Unix seconds), read at
+/// start, so the archive's age is known before this process archives anything.
+pub fn note_newest_archived(t: f64) {
+    let ms = (t * 1000.0) as u64;
+    if LAST_PUSH_MS.fetch_max(ms, Ordering::Relaxed) < ms {
+        gauge!("walfs_archive_last_push_timestamp_seconds").set(t);
+    }
+    tick();
+}
+
+/// Reads when the newest segment in `archive` was stored (one listing, in the background) and
+/// notes it ([`note_newest_archived`]).
+pub async fn read_newest_archived(archive: &crate::store::Archive) {
+    use futures::TryStreamExt;
+    let newest = archive
+        .list(None)
+        .try_fold(0i64, |m, e| async move {
+            Ok(if e.name.kind() == crate::wal::FileKind::Segment {
+                m.max(e.last_modified)
+            } else {
+                m
+            })
+        })
+        .await;
+    match newest {
+        Ok(0) => {}
+        Ok(t) => note_newest_archived(t as f64),
+        Err(e) => tracing::warn!(error = %e, "reading the archive's newest segment failed"),
+    }
 }
 
 fn describe() {
@@ -59,12 +111,13 @@ fn describe() {
     describe_gauge!(
         "walfs_archive_last_push_timestamp_seconds",
         Unit::Seconds,
-        "When this process last archived a segment (Unix time)"
+        "When this process last archived a segment, or when the newest segment in the archive \
+         was stored, whichever is later (Unix time)"
     );
     describe_gauge!(
         "walfs_archive_newest_segment_age_seconds",
         Unit::Seconds,
-        "Seconds since this process last archived a segment"
+        "Seconds since walfs_archive_last_push_timestamp_seconds"
     );
     describe_gauge!(
         "walfs_backup_last_success_timestamp_seconds",
@@ -121,10 +174,10 @@ fn describe() {
         "walfs_prefetch_wasted_total",
         "Segments loaded ahead and dropped unread"
     );
-    describe_gauge!(
-        "walfs_read_stall_seconds",
-        Unit::Seconds,
-        "Total time readers waited for segment loads since start"
+    describe_counter!(
+        "walfs_read_stall_milliseconds_total",
+        Unit::Milliseconds,
+        "Time readers waited for segment loads"
     );
     describe_gauge!(
         "walfs_cache_bytes",
@@ -248,4 +301,76 @@ pub fn write_state(path: &Path, value: &serde_json::Value) -> std::io::Result<()
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(value).unwrap_or_default())?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// Every `walfs_…` word in `text` (a histogram's `_bucket`, `_sum`, `_count` trimmed).
+    fn metric_words(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("walfs_") {
+            let word: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[at + word.len()..];
+            let word = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .map_or(word.clone(), str::to_string);
+            out.insert(word);
+        }
+        out
+    }
+
+    fn sources(dir: &Path, into: &mut String) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, into);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                into.push_str(&std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+
+    /// The dashboard and the alerts name only metrics walfs has: a renamed metric or a typo
+    /// would leave a panel empty and an alert silent for ever.
+    #[test]
+    fn dashboards_and_alerts_name_real_metrics() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut code = String::new();
+        sources(&root.join("src"), &mut code);
+        // Names as the code spells them, in a string literal.
+        let known: BTreeSet<String> = metric_words(&code)
+            .into_iter()
+            .filter(|m| code.contains(&format!("\"{m}\"")))
+            .collect();
+        assert!(known.contains("walfs_archive_errors_total"), "{known:?}");
+        for file in [
+            "walfs-alerts.yml",
+            "walfs-alerts.test.yml",
+            "walfs-dashboard.json",
+        ] {
+            let text =
+                std::fs::read_to_string(root.join("packaging/monitoring").join(file)).unwrap();
+            let used = metric_words(&text);
+            assert!(!used.is_empty(), "{file} names no metric");
+            let unknown: Vec<_> = used.difference(&known).collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} names metrics walfs does not have: {unknown:?}"
+            );
+        }
+        let dash: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("packaging/monitoring/walfs-dashboard.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(dash["panels"].as_array().is_some_and(|p| p.len() > 8));
+    }
 }

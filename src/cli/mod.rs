@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 mod assets;
 mod backup;
+mod check;
 mod mount;
 mod ops;
 
@@ -127,6 +128,11 @@ enum Command {
     /// Stream WAL from a server over replication (pg_receivewal semantics) into the spool and
     /// the archive; runs until SIGINT or SIGTERM
     Receive(ReceiveArgs),
+    /// Check a running server against the archive, as `pgbackrest check`: archive_mode,
+    /// archive_command, restore_command, identity, then a WAL switch that must reach the
+    /// archive and open. Exit 0 passed, 1 PostgreSQL does not archive here, 2 walfs settings,
+    /// 3 unreachable, 4 the segment does not open
+    Check(check::CheckArgs),
     /// Take a base backup over replication (BASE_BACKUP) into the archive, checked against
     /// the server's manifest; `walfs backup list` lists them
     Backup(backup::BackupArgs),
@@ -465,6 +471,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => ops::import(&settings, &dir, usize::from(concurrency), json).await,
         Command::Receive(args) => receive(&settings, &args).await,
         Command::Backup(args) => backup::run(&settings, &args).await,
+        Command::Check(args) => check::run(&settings, &args).await,
         Command::Restore(args) => backup::restore(&settings, &args).await,
     }
 }
@@ -679,6 +686,8 @@ async fn receive(settings: &Settings, args: &ReceiveArgs) -> Result<(), Failure>
     archive.probe().await?;
     if let Some(addr) = args.metrics_addr {
         crate::telemetry::serve_metrics(addr).map_err(|e| Failure::new(exit::USAGE, e))?;
+        let archive = archive.clone();
+        tokio::spawn(async move { crate::telemetry::read_newest_archived(&archive).await });
     }
     let spool_dir = crate::spool::spool_dir(&crate::cache::Cache::archive_dir(
         &settings.cache_dir,

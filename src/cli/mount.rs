@@ -57,24 +57,9 @@ fn is_mount_point(path: &Path) -> bool {
         return false;
     };
     let want = path.to_string_lossy();
-    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| {
-        let mut out = String::new();
-        let mut chars = mp.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == '\\' {
-                let code: String = chars.by_ref().take(3).collect();
-                if let Ok(b) = u8::from_str_radix(&code, 8) {
-                    out.push(b as char);
-                    continue;
-                }
-                out.push('\\');
-                out.push_str(&code);
-            } else {
-                out.push(c);
-            }
-        }
-        out == want
-    })
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| crate::ops::check::unescape(mp) == want)
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
@@ -201,6 +186,12 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     );
     if args.metrics_addr.is_some() {
         tokio::spawn(watch_backups(archive.clone()));
+        if !args.read_only {
+            // The archive's age is known from the start, not from this process's first push
+            // (a read-only mount archives nothing: it has no such age).
+            let archive = archive.clone();
+            tokio::spawn(async move { crate::telemetry::read_newest_archived(&archive).await });
+        }
     }
     let fs = WalFs::new(fs, tokio::runtime::Handle::current());
     let session = fuse::spawn(fs, &mountpoint).map_err(|e| {

@@ -2,6 +2,7 @@
 //! `retention` (what `delete` may remove), `import` (bulk-load a plain directory), `summary`
 //! (what `status` shows of the archive).
 
+pub mod check;
 pub mod import;
 pub mod retention;
 pub mod summary;

@@ -60,6 +60,8 @@ pub struct ConnParams {
     pub application_name: String,
     pub tls: TlsSettings,
     pub channel_binding: ChannelBindingMode,
+    /// The database of a SQL session ([`ReplicationConn::connect_sql`]; default: the user's).
+    pub dbname: Option<String>,
 }
 
 impl std::fmt::Debug for ConnParams {
@@ -73,6 +75,7 @@ impl std::fmt::Debug for ConnParams {
             .field("application_name", &self.application_name)
             .field("tls", &self.tls)
             .field("channel_binding", &self.channel_binding)
+            .field("dbname", &self.dbname)
             .finish()
     }
 }
@@ -246,6 +249,10 @@ impl ConnParams {
                 client_cert,
             },
             channel_binding,
+            dbname: cfg
+                .get_dbname()
+                .map(str::to_string)
+                .or_else(|| env("PGDATABASE")),
         })
     }
 
@@ -393,6 +400,24 @@ fn server_error(body: &backend::ErrorResponseBody) -> ConnError {
 impl ReplicationConn {
     /// Connects, starts a physical replication session and authenticates.
     pub async fn connect(p: &ConnParams, timeout: Duration) -> Result<ReplicationConn, ConnError> {
+        Self::open(p, timeout, true).await
+    }
+
+    /// A plain SQL session (no replication), with the same connection code: for `walfs
+    /// check`'s queries; answers are read with [`ReplicationConn::send_query`] and
+    /// [`ReplicationConn::next_event`].
+    pub async fn connect_sql(
+        p: &ConnParams,
+        timeout: Duration,
+    ) -> Result<ReplicationConn, ConnError> {
+        Self::open(p, timeout, false).await
+    }
+
+    async fn open(
+        p: &ConnParams,
+        timeout: Duration,
+        replication: bool,
+    ) -> Result<ReplicationConn, ConnError> {
         let target = p.describe();
         let connect = async {
             let s: Box<dyn Stream> = match &p.host {
@@ -439,7 +464,11 @@ impl ReplicationConn {
         };
         let params = [
             ("user", p.user.as_str()),
-            ("replication", "true"),
+            if replication {
+                ("replication", "true")
+            } else {
+                ("database", p.dbname.as_deref().unwrap_or(p.user.as_str()))
+            },
             ("application_name", p.application_name.as_str()),
         ];
         frontend::startup_message(params.iter().copied(), &mut conn.out)
