@@ -34,12 +34,14 @@ pub use tempfile::TempDir;
 
 mod azure;
 pub mod chaos;
+mod gcs;
 mod mount;
 mod observe;
 mod receiver;
 mod zero_loss;
 pub use azure::AzuriteServer;
 pub use chaos::{ChaosConfig, ChaosEvent, ChaosProxy, Fault, XorShift};
+pub use gcs::FakeGcsServer;
 pub use mount::{is_mounted, FaultProxy, WalfsMount};
 pub use observe::{metric, scrape, NotifySocket};
 pub use receiver::{archived, assert_identical, wait_archived, walfs_cmd, Receiver};

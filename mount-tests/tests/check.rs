@@ -153,6 +153,35 @@ fn check_passes_where_the_server_archives_and_says_why_elsewhere() {
     );
     drop(mount);
 
+    // As packaged: the mount (root) keeps a local archive postgres cannot read. The segment
+    // is then read back through the mount.
+    let private = r.scratch.path().join("private");
+    std::fs::create_dir_all(&private).expect("private archive dir");
+    sh_ok(
+        std::process::Command::new("chmod")
+            .arg("0700")
+            .arg(&private),
+    );
+    let mount = WalfsMount::start_with(
+        &r.scratch.path().join("m2"),
+        &local_args(&private, Some(&r.key)),
+        &[],
+        &[],
+    );
+    r.set_archive_command(&format!("cp %p {}/%f", mount.path().display()));
+    let out = r.check(&private, &r.key, &[]);
+    expect(
+        &out,
+        0,
+        &[
+            "WARN archive",
+            "not readable by this user",
+            "read back whole through",
+            "check passed",
+        ],
+    );
+    drop(mount);
+
     // An archive_command that archives nothing: the switch proves it, pg_stat_archiver is cited.
     r.set_archive_command("/bin/true");
     let out = r.check(&r.archive, &r.key, &[]);

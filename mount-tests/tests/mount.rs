@@ -502,6 +502,60 @@ fn mountpoints_that_cannot_work_are_refused_with_a_reason() {
         stderr_str(&out)
     );
     drop(mount);
+
+    // A user mounting: /dev/fuse must be open to it (on some hosts it is 0600), and
+    // --allow-other needs user_allow_other in /etc/fuse.conf. Each refusal names its fix.
+    let device_open = run(as_postgres("test").args(["-r", "/dev/fuse", "-a", "-w", "/dev/fuse"]))
+        .status
+        .success();
+    let allowed = std::fs::read_to_string("/etc/fuse.conf")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.trim() == "user_allow_other");
+    let own = scratch.path().join("users");
+    std::fs::create_dir_all(own.join("mnt")).unwrap();
+    let bin = own.join("walfs");
+    std::fs::copy(walfs_bin(), &bin).unwrap();
+    chown_postgres(&own);
+    chown_postgres(&own.join("mnt"));
+    let mut child = as_postgres(&bin)
+        .env("WALFS_CONFIG", "/dev/null")
+        .args(&args)
+        .arg("--cache-dir")
+        .arg(own.join("cache"))
+        .args(["mount", "--allow-other"])
+        .arg(own.join("mnt"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if !device_open {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr_str(&out));
+        assert!(
+            stderr_str(&out).contains("cannot open /dev/fuse")
+                && stderr_str(&out).contains("chmod 0666 /dev/fuse"),
+            "{}",
+            stderr_str(&out)
+        );
+    } else if allowed {
+        // This host allows it: the mount comes up instead.
+        assert!(
+            poll_until(Duration::from_secs(30), || is_mounted(&own.join("mnt"))),
+            "a user's --allow-other mount did not come up though /etc/fuse.conf allows it"
+        );
+        // SAFETY: a PID of a child this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+    } else {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr_str(&out));
+        assert!(
+            stderr_str(&out).contains("user_allow_other in /etc/fuse.conf"),
+            "{}",
+            stderr_str(&out)
+        );
+    }
 }
 
 /// `walfs status --json` of the archive a mount serves.

@@ -226,17 +226,60 @@ pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(), Failure> {
         &mounts,
     ));
 
-    let archive = open_archive(settings, false)?;
-    archive.probe().await?;
-    // A key file that does not fit the archive is walfs's own setting: exit 2 at once.
-    let id = archive.identity().await?;
-    findings.push(check::identity(
-        &server.sysid,
-        server.segment_size,
-        id.as_ref()
-            .map(|i| (i.system_identifier.as_str(), i.wal_segment_size)),
-        url,
-    ));
+    // A local archive this user may not read (the packaged mount writes it as root): the
+    // segment is then read back through the mount archive_command copies into, which opens it
+    // with the archive's key before it serves a byte.
+    let mount = check::mount_of(&server.archive_command, &mounts);
+    let through = match (
+        local_dir(url).map(|d| std::fs::read_dir(d.join("wal"))),
+        &mount,
+    ) {
+        (Some(Err(e)), Some(m)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            findings.push(Finding::new(
+                Level::Warn,
+                "archive",
+                format!(
+                    "{url} is not readable by this user ({e}): the identity is not compared \
+                     here, and the switched segment is read back through {} (the mount opens \
+                     it with the archive's key)",
+                    m.display()
+                ),
+            ));
+            Some(m.clone())
+        }
+        (Some(Err(e)), None) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!(
+                    "{url} is not readable by this user ({e}): run walfs check as a user that \
+                     can read it, or archive through a walfs mount"
+                ),
+            ));
+        }
+        _ => None,
+    };
+    // Through the mount, neither the archive nor the key file is opened here (either may be
+    // root's alone).
+    let proof = match through {
+        Some(m) => Proof::Mount(m),
+        None => Proof::Store(Box::new(open_archive(settings, false)?)),
+    };
+    let id = match &proof {
+        Proof::Mount(_) => None,
+        Proof::Store(archive) => {
+            archive.probe().await?;
+            // A key file that does not fit the archive is walfs's own setting: exit 2.
+            let id = archive.identity().await?;
+            findings.push(check::identity(
+                &server.sysid,
+                server.segment_size,
+                id.as_ref()
+                    .map(|i| (i.system_identifier.as_str(), i.wal_segment_size)),
+                url,
+            ));
+            id
+        }
+    };
     if let Some(i) = &id {
         findings.push(Finding::new(
             Level::Ok,
@@ -265,10 +308,18 @@ pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(), Failure> {
         match switch(&mut conn).await {
             Err(f) => findings.push(f),
             Ok(name) => {
-                let (f, c) = wait_for(&archive, &name, args.timeout, &mut conn).await;
+                let (f, c) = match &proof {
+                    Proof::Mount(m) => {
+                        let want = server.segment_size;
+                        wait_in_mount(m, &name, want, args.timeout, &mut conn).await
+                    }
+                    Proof::Store(archive) => {
+                        wait_for(archive, &name, args.timeout, &mut conn).await
+                    }
+                };
                 findings.push(f);
                 code = c;
-                if id.is_none() {
+                if let (None, Proof::Store(archive)) = (&id, &proof) {
                     // The first segment made the archive: it must be this cluster's now.
                     if let Ok(Some(i)) = archive.identity().await {
                         findings.push(check::identity(
@@ -306,6 +357,105 @@ pub async fn run(settings: &Settings, args: &CheckArgs) -> Result<(), Failure> {
             code.unwrap_or(exit::ABSENT_OR_REFUSED),
             format!("check failed: {}: {}", first.what, first.detail),
         )),
+    }
+}
+
+/// Where the switched segment is looked for: the archive itself, or (when this user cannot
+/// read a local archive) the walfs mount archive_command copies into.
+enum Proof {
+    Store(Box<crate::store::Archive>),
+    Mount(std::path::PathBuf),
+}
+
+/// The directory of a local archive URL (`file://…` or an absolute path).
+fn local_dir(url: &str) -> Option<std::path::PathBuf> {
+    if url.starts_with('/') {
+        return Some(url.into());
+    }
+    url::Url::parse(url)
+        .ok()
+        .filter(|u| u.scheme() == "file")
+        .and_then(|u| u.to_file_path().ok())
+}
+
+/// Waits until `name` can be read whole through the walfs mount `mount` (which serves only
+/// what opened with the archive's key).
+async fn wait_in_mount(
+    mount: &std::path::Path,
+    name: &ArchiveName,
+    segment_size: u64,
+    timeout: Duration,
+    conn: &mut ReplicationConn,
+) -> (Finding, Option<u8>) {
+    let path = mount.join(name.as_str());
+    let began = Instant::now();
+    loop {
+        let p = path.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read(p)).await;
+        match read {
+            Ok(Ok(bytes)) if bytes.len() as u64 == segment_size => {
+                return (
+                    Finding::new(
+                        Level::Ok,
+                        "switch",
+                        format!(
+                            "switched WAL: {name} reached the archive, read back whole through \
+                             {} ({:.1} s)",
+                            mount.display(),
+                            began.elapsed().as_secs_f64()
+                        ),
+                    ),
+                    None,
+                )
+            }
+            Ok(Ok(bytes)) => {
+                return (
+                    Finding::new(
+                        Level::Fail,
+                        "switch",
+                        format!(
+                            "{name} read through {} holds {} bytes, not {segment_size}",
+                            mount.display(),
+                            bytes.len()
+                        ),
+                    ),
+                    Some(exit::DAMAGED),
+                )
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(e)) => {
+                return (
+                    Finding::new(
+                        Level::Fail,
+                        "switch",
+                        format!("reading {} failed: {e}", path.display()),
+                    ),
+                    Some(exit::UNAVAILABLE),
+                )
+            }
+            Err(e) => {
+                return (
+                    Finding::new(Level::Fail, "switch", format!("reading task failed: {e}")),
+                    Some(exit::UNAVAILABLE),
+                )
+            }
+        }
+        if began.elapsed() >= timeout {
+            return (
+                Finding::new(
+                    Level::Fail,
+                    "switch",
+                    format!(
+                        "switched WAL, but {name} did not appear in {} within {}; {}",
+                        mount.display(),
+                        humantime::format_duration(timeout),
+                        archiver_failures(conn).await
+                    ),
+                ),
+                None,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -89,6 +89,13 @@ fn check_fuse() -> Result<(), Failure> {
             "no /dev/fuse: load the fuse module (modprobe fuse), or give the container --device /dev/fuse",
         ));
     }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Err(usage(fuse_device_refused(&e)));
+    }
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
@@ -103,6 +110,51 @@ fn check_fuse() -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Why /dev/fuse could not be opened, and what to change.
+fn fuse_device_refused(e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata("/dev/fuse")
+        .map(|m| {
+            format!(
+                " (mode {:o}, owner {}, group {})",
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid()
+            )
+        })
+        .unwrap_or_default();
+    match e.raw_os_error() {
+        Some(libc::EACCES) => format!(
+            "cannot open /dev/fuse: {e}{owner}: make it readable and writable for this user \
+             (chmod 0666 /dev/fuse is the usual mode), or mount as root"
+        ),
+        Some(libc::EPERM) => format!(
+            "cannot open /dev/fuse: {e}{owner}: a device policy forbids it; under systemd add \
+             DeviceAllow=/dev/fuse rw to the unit, in a container run it with --device /dev/fuse \
+             (Docker and Podman also need --cap-add SYS_ADMIN)"
+        ),
+        _ => format!("cannot open /dev/fuse: {e}{owner}"),
+    }
+}
+
+/// What to change when the kernel or fusermount3 refused the mount itself.
+fn mount_refused_hint(allow_other: bool) -> &'static str {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match (root, allow_other) {
+        (false, true) => {
+            ": --allow-other as a user needs user_allow_other in /etc/fuse.conf (or mount as root)"
+        }
+        (false, false) => {
+            ": a user may mount only on a directory it owns and can write (or mount as root)"
+        }
+        (true, _) => {
+            ": in a container, mounting needs CAP_SYS_ADMIN (--cap-add SYS_ADMIN) and \
+             --device /dev/fuse; under systemd, CapabilityBoundingSet must keep CAP_SYS_ADMIN"
+        }
+    }
 }
 
 pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Failure> {
@@ -196,9 +248,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     let fs = WalFs::new(fs, tokio::runtime::Handle::current());
     let session = fuse::spawn(fs, &mountpoint).map_err(|e| {
         let hint = match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) => {
-                " (mount as root, or allow it in /etc/fuse.conf)"
-            }
+            Some(libc::EPERM) | Some(libc::EACCES) => mount_refused_hint(args.allow_other),
             _ => "",
         };
         usage(format!("mounting {}: {e}{hint}", mountpoint.display()))

@@ -159,6 +159,12 @@ fn command(
     )
 }
 
+/// The walfs mount on this host that `archive_command` copies into, if it does.
+pub fn mount_of(archive_command: &str, walfs_mounts: &[PathBuf]) -> Option<PathBuf> {
+    let dir = copy_dir(&words(archive_command)?)?;
+    walfs_mounts.contains(&dir).then_some(dir)
+}
+
 /// `archive_command` as the server runs it.
 pub fn archive_command(cmd: &str, url: &str, walfs_mounts: &[PathBuf]) -> Finding {
     command(
@@ -301,6 +307,17 @@ mod tests {
         assert_eq!(level("cp 'unbalanced %p"), Level::Warn);
         let f = archive_command("walfs --archive s3://wal/other push %p", URL, &mounts);
         assert!(f.detail.contains("--archive s3://wal/main"), "{}", f.detail);
+    }
+
+    #[test]
+    fn the_mount_archive_command_copies_into() {
+        let mounts = vec![PathBuf::from("/mnt/wal")];
+        assert_eq!(
+            mount_of("cp %p /mnt/wal/%f", &mounts),
+            Some(PathBuf::from("/mnt/wal"))
+        );
+        assert_eq!(mount_of("cp %p /elsewhere/%f", &mounts), None);
+        assert_eq!(mount_of("walfs push %p", &mounts), None);
     }
 
     #[test]
