@@ -28,7 +28,7 @@ use crate::backupfs::{self, BackupFs};
 use crate::cache::{Cache, CachedFile, LoadError};
 use crate::caller::Processes;
 use crate::restore::{Policy, Refusal, Trouble};
-use crate::store::{Entry as Listed, Error as StoreError};
+use crate::store::{Entry as Listed, Error as StoreError, PushOutcome};
 use crate::wal::{ArchiveName, FileKind};
 use futures::stream::{BoxStream, StreamExt};
 use std::collections::HashMap;
@@ -308,6 +308,8 @@ pub struct Fs {
     procs: Arc<dyn Processes>,
     state: Mutex<State>,
     backups: BackupFs,
+    /// Archive-ahead (`crate::ahead`), on a read-write mount that has it on.
+    ahead: Option<Arc<crate::ahead::Ahead>>,
 }
 
 impl Fs {
@@ -324,6 +326,21 @@ impl Fs {
             policy,
             procs,
             state: Mutex::new(State::default()),
+            ahead: None,
+        }
+    }
+
+    /// Turns archive-ahead on (see `crate::ahead`).
+    pub fn with_ahead(mut self, ahead: Arc<crate::ahead::Ahead>) -> Fs {
+        self.ahead = Some(ahead);
+        self
+    }
+
+    /// A process is creating a file in the mount (archive-ahead watches its data directory,
+    /// if it runs in one). Runs inside the async runtime.
+    pub fn writer_seen(&self, pid: u32) {
+        if let Some(a) = &self.ahead {
+            a.writer(pid);
         }
     }
 
@@ -387,6 +404,10 @@ impl Fs {
         }
         // Odd names (editors' probes, `.Trash`) are simply absent.
         let name = parse_child(parent, name).ok_or(FsError::NotFound)?;
+        if self.ahead.as_ref().is_some_and(|a| a.hides(&name)) {
+            // Stored ahead of its cp, which checks for it and then creates it exclusively.
+            return Err(FsError::NotFound);
+        }
         {
             let mut st = self.state();
             let writing = st
@@ -774,12 +795,22 @@ impl Fs {
             w.sealing = true;
             (file, w.len, w.version)
         };
-        let r = self.cache.push_file(name, file, len).await;
+        let r = match &self.ahead {
+            // Stored ahead, and these are exactly its bytes: durable already.
+            Some(a) if a.confirms(name, &file, len).await => {
+                tracing::info!(%name, "stored ahead; the bytes cp wrote are those stored");
+                Ok(PushOutcome::AlreadyArchived)
+            }
+            _ => self.cache.push_file(name, file, len).await,
+        };
         let mut w = writer.lock();
         w.sealing = false;
         match r {
             Ok(outcome) => {
                 w.archived = version;
+                if let Some(a) = &self.ahead {
+                    a.archived(name);
+                }
                 tracing::info!(%name, ?outcome, "archived");
                 Ok(())
             }
@@ -989,6 +1020,12 @@ impl Fs {
                     None => break,
                 },
             };
+            // Stored ahead of its cp: not listed either (its position still counts, so
+            // offsets stay those of the archive's listing).
+            if self.ahead.as_ref().is_some_and(|a| a.hides(&entry.name)) {
+                pos += 1;
+                continue;
+            }
             // `ls -l` looks up every name next: answer those from memory.
             if let (FileKind::Segment, Some(size)) = (entry.name.kind(), c.segment_size) {
                 self.cache.note_size(&entry.name, size);

@@ -181,7 +181,7 @@ impl Filesystem for WalFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -190,6 +190,8 @@ impl Filesystem for WalFs {
         reply: ReplyCreate,
     ) {
         crate::telemetry::mount_request("create");
+        let (inner, pid) = (self.inner.clone(), req.pid());
+        self.rt.spawn(async move { inner.fs.writer_seen(pid) });
         match self.inner.fs.create(parent.0, name) {
             Ok((a, fh)) => reply.created(
                 &a.ttl,

@@ -5,6 +5,7 @@
 //! backups: `cli` → `backup` → `store`, and the mount's `backups/` view `fs` → `backupfs` →
 //! `backup`/`store`.
 
+pub mod ahead;
 pub mod backup;
 pub mod backupfs;
 pub mod cache;

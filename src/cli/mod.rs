@@ -266,6 +266,11 @@ pub struct MountArgs {
     /// final name, full size with a zero tail, so a recovery reaches the last flushed commit
     #[arg(long, env = "WALFS_SERVE_PARTIAL")]
     pub serve_partial: bool,
+    /// Archive ahead: seal and upload the segments PostgreSQL marked ready before its `cp`
+    /// brings them, so that the close only confirms the bytes (read-write mounts)
+    #[arg(long, env = "WALFS_ARCHIVE_AHEAD", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub archive_ahead: bool,
     /// Segments loaded ahead at the same time
     #[arg(long, env = "WALFS_PREFETCH_CONCURRENCY", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]

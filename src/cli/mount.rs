@@ -230,12 +230,16 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     })?;
     let cache = Arc::new(cache);
     let policy = super::restore_policy(settings, !args.read_only);
-    let fs = Fs::new(
+    let mut fs = Fs::new(
         cache.clone(),
         opts,
         policy,
         Arc::new(crate::caller::Proc::default()),
     );
+    if args.archive_ahead && !args.read_only {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        fs = fs.with_ahead(crate::ahead::Ahead::new(cache.clone(), cores));
+    }
     if args.metrics_addr.is_some() {
         tokio::spawn(watch_backups(archive.clone()));
         if !args.read_only {

@@ -57,6 +57,8 @@ struct Opts {
     segments: usize,
     runs: usize,
     quick: bool,
+    /// Only these sections (empty: all).
+    only: Vec<u8>,
 }
 
 fn usage() -> ! {
@@ -65,6 +67,7 @@ fn usage() -> ! {
          \n  --segments N   16 MiB WAL segments in the set (default 64; --quick: 16)\
          \n  --runs R       runs per measurement, median shown (default 3; --quick: 1)\
          \n  --quick        smoke run: 16 segments, 1 run, no 50 ms latency rows\
+         \n  --only LIST    only these sections, e.g. --only 3 (archive) or --only 1,2\
          \n\nWALFS_BIN=path uses that walfs binary instead of building it (cargo build --release)."
     );
     std::process::exit(2)
@@ -74,6 +77,7 @@ fn parse_args() -> Opts {
     let mut segments = None;
     let mut runs = None;
     let mut quick = false;
+    let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> usize {
@@ -90,6 +94,13 @@ fn parse_args() -> Opts {
             "--segments" => segments = Some(value("--segments")),
             "--runs" => runs = Some(value("--runs")),
             "--quick" => quick = true,
+            "--only" => {
+                let v = args.next().unwrap_or_else(|| usage());
+                only = v
+                    .split(',')
+                    .map(|x| x.trim().parse().unwrap_or_else(|_| usage()))
+                    .collect();
+            }
             "-h" | "--help" => usage(),
             other => {
                 if let Some(v) = other.strip_prefix("--segments=") {
@@ -107,6 +118,7 @@ fn parse_args() -> Opts {
         segments: segments.unwrap_or(if quick { 16 } else { 64 }),
         runs: runs.unwrap_or(if quick { 1 } else { 3 }),
         quick,
+        only,
     };
     if opts.segments < 4 || opts.segments > 4096 || opts.runs == 0 || opts.runs > 50 {
         eprintln!("--segments must be 4..=4096 and --runs 1..=50");
@@ -780,6 +792,138 @@ fn archive_pgbackrest(ctx: &Ctx, run: usize) -> Sample {
     }
 }
 
+/// A data directory as PostgreSQL's archiver sees it: pgBackRest's pg1-path files, every
+/// segment in `pg_wal/` and marked `pg_wal/archive_status/<name>.ready`.
+fn ready_data_dir(ctx: &Ctx, dir: &Path) -> PathBuf {
+    let data = fresh_dir(&dir.join("data"));
+    must(
+        Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", ctx.wal.fake_pg.display()))
+            .arg(&data),
+        &no_context,
+    );
+    let status = data.join("pg_wal").join("archive_status");
+    fs::create_dir_all(&status).expect("archive_status");
+    for s in &ctx.wal.segments {
+        fs::copy(ctx.wal.dir.join(s), data.join("pg_wal").join(s)).expect("copy a segment");
+        fs::write(status.join(format!("{s}.ready")), b"").expect("mark it ready");
+    }
+    must(
+        Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&data),
+        &no_context,
+    );
+    data
+}
+
+/// The postgres user's uid and gid.
+fn postgres_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    // The postgres user owns its home, /var/lib/postgresql, in Debian's packages.
+    let m = fs::metadata("/var/lib/postgresql").expect("/var/lib/postgresql");
+    (m.uid(), m.gid())
+}
+
+/// What PostgreSQL does after archive_command succeeded.
+fn mark_done(data: &Path, s: &str) {
+    let status = data.join("pg_wal").join("archive_status");
+    fs::rename(
+        status.join(format!("{s}.ready")),
+        status.join(format!("{s}.done")),
+    )
+    .expect("mark it done");
+}
+
+/// `cp` into the mount as PostgreSQL's archiver runs it: from its data directory, one segment
+/// after another, every one marked ready beforehand (archive-ahead's case).
+fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool) -> Sample {
+    let label = "cp into the mount from a data directory";
+    let dir = ctx.run_dir("archive-mount-ready", run);
+    let archive = dir.join("archive");
+    let data = ready_data_dir(ctx, &dir);
+    let spec = MountSpec {
+        args: vec![
+            "--archive".into(),
+            format!("file://{}", archive.display()),
+            "--key-file".into(),
+            ctx.key.display().to_string(),
+        ],
+        mount_args: vec![format!("--archive-ahead={ahead}")],
+        env: vec![],
+        latency: None,
+    };
+    let m = spec.start(ctx, &dir);
+    // As PostgreSQL's archiver: the postgres user (set in the child, as PostgreSQL's own
+    // processes are, without runuser's session cost), in its data directory.
+    let (uid, gid) = postgres_ids();
+    let secs = timed_loop(ctx, m.path(), |s, d| {
+        must(
+            std::os::unix::process::CommandExt::gid(
+                std::os::unix::process::CommandExt::uid(&mut Command::new("cp"), uid),
+                gid,
+            )
+            .current_dir(&data)
+            .arg(format!("pg_wal/{s}"))
+            .arg(d.join(s)),
+            &|| m.log_tail(30),
+        );
+        mark_done(&data, s);
+    });
+    let mut sample = Sample {
+        secs,
+        ..Default::default()
+    };
+    finish_mount(ctx, m, label, run, &mut sample);
+    let stored = count_files(&archive.join("wal"));
+    assert_eq!(stored, ctx.wal.segments.len(), "{label}: {stored} objects");
+    remove(&dir);
+    sample
+}
+
+/// `pgbackrest archive-push --archive-async` as PostgreSQL's archiver runs it (the async
+/// process pushes every ready segment, process-max 2, while the loop goes on).
+fn archive_pgbackrest_async(ctx: &Ctx, run: usize) -> Sample {
+    let dir = ctx.run_dir("archive-br-async", run);
+    let repo = fresh_dir(&dir.join("repo"));
+    let lock = fresh_dir(&dir.join("lock"));
+    let spool = fresh_dir(&dir.join("spool"));
+    let data = ready_data_dir(ctx, &dir);
+    let br = |c: &mut Command| {
+        c.arg(format!("--repo1-path={}", repo.display()))
+            .arg(format!("--lock-path={}", lock.display()))
+            .arg(format!("--pg1-path={}", data.display()));
+    };
+    let mut c = ctx.pgbackrest();
+    br(&mut c);
+    must(c.args(["stanza-create", "--no-online"]), &no_context);
+    let secs = timed_loop(ctx, &dir, |s, _| {
+        let mut c = ctx.pgbackrest();
+        br(&mut c);
+        must(
+            c.current_dir(&data)
+                .arg(format!("--spool-path={}", spool.display()))
+                .args(["--archive-async", "--process-max=2", "archive-push"])
+                .arg(format!("pg_wal/{s}")),
+            &no_context,
+        );
+        mark_done(&data, s);
+    });
+    let stored = count_files(&repo.join("archive").join(STANZA)) - 2; // archive.info + .copy
+    assert_eq!(
+        stored,
+        ctx.wal.segments.len(),
+        "pgbackrest archive-push --archive-async: {stored} files in the repo"
+    );
+    remove(&dir);
+    Sample {
+        secs,
+        ..Default::default()
+    }
+}
+
 // --- recovery --------------------------------------------------------------------------------------------
 
 fn psql_as_root(pg: &Postgres, sql: &str) -> Option<String> {
@@ -1418,6 +1562,25 @@ fn main() {
         Kind::Loop,
         move |r| archive_pgbackrest(c, r),
     ));
+    let mut m = row(
+        3,
+        "`cp` into the mount from a data directory, all ready, archive-ahead, key",
+        Kind::Loop,
+        move |r| archive_mount_ready(c, r, true),
+    );
+    m.mount = true;
+    rows.push(m);
+    let mut m = row(3, "… archive-ahead off", Kind::Loop, move |r| {
+        archive_mount_ready(c, r, false)
+    });
+    m.mount = true;
+    rows.push(m);
+    rows.push(row(
+        3,
+        "`pgbackrest archive-push --archive-async`, zst, process-max 2, from a data directory",
+        Kind::Loop,
+        move |r| archive_pgbackrest_async(c, r),
+    ));
 
     // 4. latency
     let latencies: &[u64] = if opts.quick { &[20] } else { &[20, 50] };
@@ -1455,6 +1618,10 @@ fn main() {
             true,
             spec(c.s3_args(true), c.proxy_env.clone(), false, lat),
         ));
+    }
+
+    if !opts.only.is_empty() {
+        rows.retain(|r| opts.only.contains(&r.section));
     }
 
     // --- run, interleaved ---

@@ -1,0 +1,576 @@
+//! Archive-ahead: the mount seals and uploads the segments PostgreSQL has marked ready before
+//! its archive_command's `cp` brings them, so that `cp`'s close only has to confirm that the
+//! bytes it wrote are the bytes already stored.
+//!
+//! PostgreSQL's archiver is serial: it runs `cp %p MOUNT/%f` for one segment, waits for it,
+//! then the next. Every close would compress, encrypt, upload and wait for the store while the
+//! next segment waits. PostgreSQL runs archive_command with its data directory as working
+//! directory and marks every finished segment `pg_wal/archive_status/<name>.ready` first, so:
+//!
+//! 1. The first file a process creates in the mount names its working directory
+//!    (`/proc/PID/cwd`). When that holds `pg_wal/archive_status`, it is a data directory and
+//!    is watched (every 100 ms) for `.ready` segments.
+//! 2. Each ready segment (a segment name, exactly the archive's segment size, at most 64 MiB)
+//!    is read whole, hashed (SHA-256, kept in memory only) and pushed as any archived file is
+//!    (checked, sealed, create-only, durable before it counts), at most `concurrency` at once.
+//! 3. The close of `cp` for that name waits for its job, hashes what `cp` wrote, and succeeds at
+//!    once when the hashes match and the job stored (or found) exactly those bytes. Anything
+//!    else (no job, a failed job, other bytes) takes the ordinary path: the push of what `cp`
+//!    wrote, which a create-only store turns into a conflict if other bytes were stored.
+//!
+//! Only what the writer could read itself is read: the data directory must belong to the user
+//! the writing process runs as, and each segment is opened without following a link and must
+//! be a regular file of that user.
+//!
+//! A segment the archive did not hold when its job began stays invisible to lookups until its
+//! close: `cp` checks whether its destination exists and then creates it exclusively, and a
+//! segment appearing between the two would fail that `cp`. Hidden, it looks exactly as it
+//! would without archive-ahead: not archived until PostgreSQL's `cp` is. A segment the archive
+//! already held is never hidden.
+//!
+//! Why this never archives wrong bytes: a `.ready` segment is complete, and PostgreSQL recycles
+//! it only after its archive_command succeeded, that is after the close, which waits for the
+//! segment's job first. So no job reads a segment while it is being reused; and were one to,
+//! its create-only upload after the close's own would be refused, never overwrite. Success is
+//! still reported only by the close of `cp`, for bytes the store holds.
+
+use crate::cache::Cache;
+use crate::wal::{ArchiveName, FileKind};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Segments larger than this are left to the close (memory: one segment per running job).
+const MAX_SEGMENT: u64 = 64 << 20;
+/// Jobs remembered at most (a backlog beyond it waits for the next scan).
+const MAX_JOBS: usize = 256;
+/// Names archived by a close, remembered so the watcher does not upload them again.
+const DONE_KEPT: usize = 1024;
+/// How often a data directory's archive_status is read.
+const SCAN: Duration = Duration::from_millis(100);
+/// A failed job is forgotten after this, so the segment is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Job {
+    Running,
+    /// In the archive, with the SHA-256 of its plaintext.
+    Stored([u8; 32]),
+    Failed,
+}
+
+#[derive(Default)]
+struct State {
+    dirs: HashSet<PathBuf>,
+    jobs: HashMap<ArchiveName, watch::Receiver<Job>>,
+    done: VecDeque<ArchiveName>,
+    /// Stored (or being stored) by a job though absent before it: hidden until its close.
+    hidden: HashSet<ArchiveName>,
+}
+
+/// See the module documentation.
+pub struct Ahead {
+    cache: Arc<Cache>,
+    permits: Arc<tokio::sync::Semaphore>,
+    permits_total: usize,
+    state: Mutex<State>,
+    /// Segment buffers, reused: one per running job at most, so memory stays flat.
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A pooled buffer lent to a push as its bytes.
+struct Lent(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Ahead {
+    pub fn new(cache: Arc<Cache>, concurrency: usize) -> Arc<Ahead> {
+        Arc::new(Ahead {
+            cache,
+            permits: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            permits_total: concurrency.max(1),
+            state: Mutex::new(State::default()),
+            buffers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Process `pid` creates a file in the mount: watch its working directory if it is a
+    /// PostgreSQL data directory of the user it runs as.
+    pub fn writer(self: &Arc<Self>, pid: u32) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(uid) = std::fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()) else {
+            return;
+        };
+        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            if std::fs::metadata(&cwd).is_ok_and(|m| m.uid() == uid) {
+                self.watch_dir(cwd, uid);
+            }
+        }
+    }
+
+    /// Watches data directory `data` of user `owner` (once), until its archive_status cannot
+    /// be read.
+    pub fn watch_dir(self: &Arc<Self>, data: PathBuf, owner: u32) {
+        let status = data.join("pg_wal").join("archive_status");
+        if !status.is_dir() || !self.state().dirs.insert(data.clone()) {
+            return;
+        }
+        tracing::info!(data = %data.display(), "archive-ahead: watching the ready segments of this data directory");
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let s = status.clone();
+                let ready = tokio::task::spawn_blocking(move || ready_segments(&s)).await;
+                match ready {
+                    Ok(Ok(names)) => {
+                        // A new archive: its first close records the identity jobs need.
+                        let known = !names.is_empty()
+                            && matches!(me.cache.archive().identity().await, Ok(Some(_)));
+                        for name in names.into_iter().filter(|_| known) {
+                            me.start(&data, owner, name);
+                        }
+                    }
+                    _ => break,
+                }
+                tokio::time::sleep(SCAN).await;
+            }
+            tracing::info!(data = %data.display(), "archive-ahead: stopped watching");
+            me.state().dirs.remove(&data);
+        });
+    }
+
+    fn start(self: &Arc<Self>, data: &Path, owner: u32, name: ArchiveName) {
+        let rx = {
+            let mut st = self.state();
+            if st.jobs.len() >= MAX_JOBS || st.jobs.contains_key(&name) || st.done.contains(&name) {
+                return;
+            }
+            let (tx, rx) = watch::channel(Job::Running);
+            st.jobs.insert(name.clone(), rx.clone());
+            (tx, rx)
+        };
+        let (tx, _) = rx;
+        let me = self.clone();
+        let path = data.join("pg_wal").join(name.as_str());
+        tokio::spawn(async move {
+            let Some(job) = me.upload(&name, path, owner).await else {
+                // Not yet possible (a new archive): the next scan tries again.
+                me.state().jobs.remove(&name);
+                let _ = tx.send(Job::Failed);
+                return;
+            };
+            let _ = tx.send(job);
+            if job == Job::Failed {
+                me.state().hidden.remove(&name);
+                tokio::time::sleep(RETRY_AFTER).await;
+                let mut st = me.state();
+                if st
+                    .jobs
+                    .get(&name)
+                    .is_some_and(|r| *r.borrow() == Job::Failed)
+                {
+                    st.jobs.remove(&name);
+                }
+            }
+        });
+    }
+
+    /// The job's end; None when it cannot run yet (the archive has no identity).
+    async fn upload(&self, name: &ArchiveName, path: PathBuf, owner: u32) -> Option<Job> {
+        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
+            return Some(Job::Failed);
+        };
+        // Only into an archive whose segment size is known (the first close records it).
+        let size = match self.cache.archive().identity().await {
+            Ok(Some(id)) if id.wal_segment_size <= MAX_SEGMENT => id.wal_segment_size,
+            Ok(None) => return None,
+            _ => return Some(Job::Failed),
+        };
+        match self.cache.size(name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.state().hidden.insert(name.clone());
+            }
+            Err(_) => return Some(Job::Failed),
+        }
+        let mut buf = self
+            .buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, [u8; 32])> {
+            use std::io::Read;
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)?;
+            let m = f.metadata()?;
+            if !m.is_file() || m.uid() != owner || m.len() != size {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+            buf.clear();
+            buf.reserve(size as usize);
+            f.read_to_end(&mut buf)?;
+            let digest = Sha256::digest(&buf).into();
+            Ok((buf, digest))
+        })
+        .await;
+        let (data, digest) = match read {
+            Ok(Ok((d, h))) if d.len() as u64 == size => (d, h),
+            _ => return Some(Job::Failed),
+        };
+        let data = Arc::new(data);
+        let pushed = self
+            .cache
+            .archive()
+            .push(name, Bytes::from_owner(Lent(data.clone())))
+            .await;
+        if let Ok(buf) = Arc::try_unwrap(data) {
+            let mut pool = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < self.permits_total {
+                pool.push(buf);
+            }
+        }
+        Some(match pushed {
+            Ok(outcome) => {
+                tracing::debug!(%name, ?outcome, "archive-ahead: stored before its cp");
+                Job::Stored(digest)
+            }
+            Err(e) => {
+                tracing::debug!(%name, error = %e, "archive-ahead: not stored; the close archives it");
+                Job::Failed
+            }
+        })
+    }
+
+    /// The close of `cp` for `name`, whose first `len` bytes of `file` it wrote: true when
+    /// archive-ahead stored exactly these bytes (the close may report success at once).
+    /// Waits for a running job of that name first, always.
+    pub async fn confirms(&self, name: &ArchiveName, file: &std::fs::File, len: u64) -> bool {
+        let rx = self.state().jobs.get(name).cloned();
+        let Some(mut rx) = rx else {
+            return false;
+        };
+        let job = loop {
+            let j = *rx.borrow_and_update();
+            if j != Job::Running {
+                break j;
+            }
+            if rx.changed().await.is_err() {
+                break Job::Failed;
+            }
+        };
+        let Job::Stored(stored) = job else {
+            return false;
+        };
+        let Ok(f) = file.try_clone() else {
+            return false;
+        };
+        let written = tokio::task::spawn_blocking(move || digest_of(&f, len)).await;
+        matches!(written, Ok(Ok(d)) if d == stored)
+    }
+
+    /// Whether lookups must not see `name` yet (stored ahead, not yet archived by its close).
+    pub fn hides(&self, name: &ArchiveName) -> bool {
+        self.state().hidden.contains(name)
+    }
+
+    /// `name` is archived (by its close, either way): no job for it is needed any more.
+    pub fn archived(&self, name: &ArchiveName) {
+        let mut st = self.state();
+        st.jobs.remove(name);
+        st.hidden.remove(name);
+        if !st.done.contains(name) {
+            st.done.push_back(name.clone());
+            if st.done.len() > DONE_KEPT {
+                st.done.pop_front();
+            }
+        }
+    }
+}
+
+/// The segments marked `.ready` in an archive_status directory, oldest first.
+fn ready_segments(status: &Path) -> std::io::Result<Vec<ArchiveName>> {
+    let mut names: Vec<ArchiveName> = std::fs::read_dir(status)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let f = e.file_name();
+            let n = f.to_str()?.strip_suffix(".ready")?;
+            ArchiveName::parse(n)
+                .ok()
+                .filter(|n| n.kind() == FileKind::Segment)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn digest_of(file: &std::fs::File, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheOptions;
+    use crate::envelope::SealOptions;
+    use crate::store::faults::{Fault, FaultyStore, Op};
+    use crate::store::{test_segment, Archive};
+    use object_store::memory::InMemory;
+    use object_store::path::Path as StorePath;
+    use std::io::Write;
+
+    const SEG1: &str = "000000010000000000000001";
+    const SEG2: &str = "000000010000000000000002";
+    const SEG3: &str = "000000010000000000000003";
+
+    struct Rig {
+        ahead: Arc<Ahead>,
+        store: Arc<FaultyStore>,
+        archive: Arc<Archive>,
+        data: tempfile::TempDir,
+        _cache: tempfile::TempDir,
+    }
+
+    /// A data directory with SEG2 and SEG3 ready, over an archive that holds SEG1.
+    async fn rig() -> Rig {
+        let store = FaultyStore::new(Arc::new(InMemory::new()));
+        let archive = Arc::new(Archive::with_store(
+            store.clone(),
+            StorePath::from("pfx"),
+            "memory:///pfx",
+            None,
+            SealOptions::default(),
+        ));
+        let n1 = ArchiveName::parse(SEG1).unwrap();
+        archive
+            .push(&n1, test_segment(SEG1, 7, 1 << 20))
+            .await
+            .unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let status = data.path().join("pg_wal/archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        for s in [SEG2, SEG3] {
+            std::fs::write(
+                data.path().join("pg_wal").join(s),
+                test_segment(s, 7, 1 << 20),
+            )
+            .unwrap();
+            std::fs::write(status.join(format!("{s}.ready")), b"").unwrap();
+        }
+        std::fs::write(status.join(format!("{SEG1}.done")), b"").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(
+            Cache::new(
+                archive.clone(),
+                &CacheOptions {
+                    dir: dir.path().to_path_buf(),
+                    max_bytes: 64 << 20,
+                    prefetch_bytes: 0,
+                    prefetch_concurrency: 1,
+                    serve_partial: false,
+                },
+            )
+            .unwrap(),
+        );
+        Rig {
+            ahead: Ahead::new(cache, 2),
+            store,
+            archive,
+            data,
+            _cache: dir,
+        }
+    }
+
+    /// Waits until the watcher took up `name` (a close that comes first takes the ordinary path).
+    async fn taken_up(r: &Rig, name: &str) {
+        let n = ArchiveName::parse(name).unwrap();
+        for _ in 0..100 {
+            if r.ahead.state().jobs.contains_key(&n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{name} was not taken up");
+    }
+
+    fn me() -> u32 {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() }
+    }
+
+    /// What `cp` wrote into the mount's spool.
+    fn spool(bytes: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    async fn stored(r: &Rig, name: &str) -> Option<Vec<u8>> {
+        r.archive
+            .fetch(&ArchiveName::parse(name).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ready_segments_are_stored_before_cp_and_its_close_confirms_them() {
+        let r = rig().await;
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        let n2 = ArchiveName::parse(SEG2).unwrap();
+        let seg2 = test_segment(SEG2, 7, 1 << 20);
+        taken_up(&r, SEG2).await;
+        // The close waits for the job, and confirms the same bytes.
+        assert!(
+            r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64)
+                .await
+        );
+        assert_eq!(stored(&r, SEG2).await.as_deref(), Some(&seg2[..]));
+        // Other bytes under that name are not confirmed (the ordinary path then conflicts).
+        let mut other = seg2.to_vec();
+        other[5000] ^= 1;
+        assert!(
+            !r.ahead
+                .confirms(&n2, &spool(&other), other.len() as u64)
+                .await
+        );
+        // A short write is not confirmed either.
+        assert!(
+            !r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64 - 1)
+                .await
+        );
+        assert!(
+            r.ahead.hides(&n2),
+            "absent before its job: hidden until its close"
+        );
+        r.ahead.archived(&n2);
+        assert!(!r.ahead.hides(&n2));
+        assert!(
+            !r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64)
+                .await
+        );
+        // The one already done (.done) and unknown names have no job.
+        let n1 = ArchiveName::parse(SEG1).unwrap();
+        assert!(!r.ahead.confirms(&n1, &spool(b"x"), 1).await);
+        let n3 = ArchiveName::parse(SEG3).unwrap();
+        let seg3 = test_segment(SEG3, 7, 1 << 20);
+        taken_up(&r, SEG3).await;
+        assert!(
+            r.ahead
+                .confirms(&n3, &spool(&seg3), seg3.len() as u64)
+                .await
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_is_never_confirmed() {
+        let r = rig().await;
+        r.store.inject(Op::Put, "", Fault::Error, None);
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        let n2 = ArchiveName::parse(SEG2).unwrap();
+        let seg2 = test_segment(SEG2, 7, 1 << 20);
+        // Give the watcher time to start the job.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64)
+                .await
+        );
+        r.store.clear();
+        assert!(!r.ahead.hides(&n2), "a failed job hides nothing");
+        assert_eq!(stored(&r, SEG2).await, None);
+    }
+
+    #[tokio::test]
+    async fn links_and_other_users_files_are_not_read() {
+        let r = rig().await;
+        let wal = r.data.path().join("pg_wal");
+        // SEG2 is a link to a file elsewhere: never read; SEG3 is stored.
+        let elsewhere = r.data.path().join("elsewhere");
+        std::fs::rename(wal.join(SEG2), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, wal.join(SEG2)).unwrap();
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        let (n2, n3) = (
+            ArchiveName::parse(SEG2).unwrap(),
+            ArchiveName::parse(SEG3).unwrap(),
+        );
+        let (seg2, seg3) = (
+            test_segment(SEG2, 7, 1 << 20),
+            test_segment(SEG3, 7, 1 << 20),
+        );
+        taken_up(&r, SEG3).await;
+        assert!(
+            r.ahead
+                .confirms(&n3, &spool(&seg3), seg3.len() as u64)
+                .await
+        );
+        assert!(
+            !r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64)
+                .await
+        );
+        assert_eq!(stored(&r, SEG2).await, None);
+
+        // Files of another user than the directory's owner are not read.
+        let r = rig().await;
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me() + 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !r.ahead
+                .confirms(&n3, &spool(&seg3), seg3.len() as u64)
+                .await
+        );
+        assert_eq!(stored(&r, SEG3).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_segment_archived_before_its_job_is_never_hidden() {
+        let r = rig().await;
+        let n2 = ArchiveName::parse(SEG2).unwrap();
+        let seg2 = test_segment(SEG2, 7, 1 << 20);
+        r.archive.push(&n2, seg2.clone()).await.unwrap();
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        taken_up(&r, SEG2).await;
+        assert!(
+            r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64)
+                .await
+        );
+        assert!(!r.ahead.hides(&n2));
+    }
+
+    #[tokio::test]
+    async fn a_directory_that_is_not_postgres_is_not_watched() {
+        let r = rig().await;
+        let plain = tempfile::tempdir().unwrap();
+        r.ahead.watch_dir(plain.path().to_path_buf(), me());
+        assert!(r.ahead.state().dirs.is_empty());
+    }
+}
