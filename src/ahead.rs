@@ -35,6 +35,7 @@
 //! still reported only by the close of `cp`, for bytes the store holds.
 
 use crate::cache::Cache;
+use crate::store::PushOutcome;
 use crate::wal::{ArchiveName, FileKind};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -202,7 +203,12 @@ impl Ahead {
         match self.cache.size(name).await {
             Ok(Some(_)) => {}
             Ok(None) => {
-                self.state().hidden.insert(name.clone());
+                // Under the lock `archived` takes: a close that archived it meanwhile wins,
+                // and nothing archived is ever hidden afterwards.
+                let mut st = self.state();
+                if !st.done.contains(name) {
+                    st.hidden.insert(name.clone());
+                }
             }
             Err(_) => return Some(Job::Failed),
         }
@@ -247,6 +253,12 @@ impl Ahead {
             }
         }
         Some(match pushed {
+            Ok(PushOutcome::AlreadyArchived) => {
+                // Someone stored it first (a close whose answer was lost): it is archived, so
+                // never hidden.
+                self.state().hidden.remove(name);
+                Job::Stored(digest)
+            }
             Ok(outcome) => {
                 tracing::debug!(%name, ?outcome, "archive-ahead: stored before its cp");
                 Job::Stored(digest)
@@ -564,6 +576,22 @@ mod tests {
                 .await
         );
         assert!(!r.ahead.hides(&n2));
+    }
+
+    #[tokio::test]
+    async fn a_segment_its_close_archived_first_is_never_hidden() {
+        let r = rig().await;
+        let n2 = ArchiveName::parse(SEG2).unwrap();
+        // The close archived it (ordinary path) before the watcher's job looked.
+        r.ahead.archived(&n2);
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        taken_up(&r, SEG3).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!r.ahead.hides(&n2));
+        assert!(
+            !r.ahead.state().jobs.contains_key(&n2),
+            "no job for an archived name"
+        );
     }
 
     #[tokio::test]
