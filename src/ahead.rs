@@ -25,14 +25,18 @@
 //! A segment the archive did not hold when its job began stays invisible to lookups until its
 //! close: `cp` checks whether its destination exists and then creates it exclusively, and a
 //! segment appearing between the two would fail that `cp`. Hidden, it looks exactly as it
-//! would without archive-ahead: not archived until PostgreSQL's `cp` is. A segment the archive
-//! already held is never hidden.
+//! would without archive-ahead: not archived until PostgreSQL's `cp` is. Never hidden: from a
+//! server that restores (it is archived, and a wrong "absent" would end its recovery), a
+//! segment the archive already held, or one no longer marked ready (a scan drops every job and
+//! hide of those). A close waits for its segment's job at most a minute, and not at all for one
+//! still queued; then it archives what `cp` wrote itself. A confirmed close still asks the store
+//! that the object is there, at that size.
 //!
-//! Why this never archives wrong bytes: a `.ready` segment is complete, and PostgreSQL recycles
-//! it only after its archive_command succeeded, that is after the close, which waits for the
-//! segment's job first. So no job reads a segment while it is being reused; and were one to,
-//! its create-only upload after the close's own would be refused, never overwrite. Success is
-//! still reported only by the close of `cp`, for bytes the store holds.
+//! Why this never archives wrong bytes: a `.ready` segment is complete, and PostgreSQL reuses
+//! its file only after archive_command succeeded, by renaming it first. A job checks after
+//! reading that the path is still the same file and still ready, so what it read is the
+//! segment's final content; and an upload is create-only, so nothing stored is overwritten.
+//! Success is still reported only by the close of `cp`, for bytes the store holds.
 
 use crate::cache::Cache;
 use crate::store::PushOutcome;
@@ -56,9 +60,14 @@ const DONE_KEPT: usize = 1024;
 const SCAN: Duration = Duration::from_millis(100);
 /// A failed job is forgotten after this, so the segment is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The longest a close waits for its segment's running job before archiving what `cp` wrote
+/// itself (both are create-only: whichever lands first, the other compares).
+const WAIT_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Job {
+    /// Waiting for a permit: a close that finds it here takes the ordinary path instead.
+    Queued,
     Running,
     /// In the archive, with the SHA-256 of its plaintext.
     Stored([u8; 32]),
@@ -111,15 +120,22 @@ impl Ahead {
     /// Process `pid` creates a file in the mount: watch its working directory if it is a
     /// PostgreSQL data directory of the user it runs as.
     pub fn writer(self: &Arc<Self>, pid: u32) {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(uid) = std::fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()) else {
-            return;
-        };
-        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
+        let me = self.clone();
+        // /proc and the directory may be slow (a cwd on a hung network file system).
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(uid) = std::fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()) else {
+                return;
+            };
+            let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+                return;
+            };
             if std::fs::metadata(&cwd).is_ok_and(|m| m.uid() == uid) {
-                self.watch_dir(cwd, uid);
+                let rt = tokio::runtime::Handle::current();
+                let _guard = rt.enter();
+                me.watch_dir(cwd, uid);
             }
-        }
+        });
     }
 
     /// Watches data directory `data` of user `owner` (once), until its archive_status cannot
@@ -132,15 +148,19 @@ impl Ahead {
         tracing::info!(data = %data.display(), "archive-ahead: watching the ready segments of this data directory");
         let me = self.clone();
         tokio::spawn(async move {
+            let mut watched: HashSet<ArchiveName> = HashSet::new();
             loop {
                 let s = status.clone();
                 let ready = tokio::task::spawn_blocking(move || ready_segments(&s)).await;
                 match ready {
                     Ok(Ok(names)) => {
+                        let set: HashSet<ArchiveName> = names.iter().cloned().collect();
+                        me.forget_unready(&set, &mut watched);
                         // A new archive: its first close records the identity jobs need.
                         let known = !names.is_empty()
                             && matches!(me.cache.archive().identity().await, Ok(Some(_)));
                         for name in names.into_iter().filter(|_| known) {
+                            watched.insert(name.clone());
                             me.start(&data, owner, name);
                         }
                     }
@@ -149,6 +169,7 @@ impl Ahead {
                 tokio::time::sleep(SCAN).await;
             }
             tracing::info!(data = %data.display(), "archive-ahead: stopped watching");
+            me.forget_unready(&HashSet::new(), &mut watched);
             me.state().dirs.remove(&data);
         });
     }
@@ -159,7 +180,7 @@ impl Ahead {
             if st.jobs.len() >= MAX_JOBS || st.jobs.contains_key(&name) || st.done.contains(&name) {
                 return;
             }
-            let (tx, rx) = watch::channel(Job::Running);
+            let (tx, rx) = watch::channel(Job::Queued);
             st.jobs.insert(name.clone(), rx.clone());
             (tx, rx)
         };
@@ -167,7 +188,7 @@ impl Ahead {
         let me = self.clone();
         let path = data.join("pg_wal").join(name.as_str());
         tokio::spawn(async move {
-            let Some(job) = me.upload(&name, path, owner).await else {
+            let Some(job) = me.upload(&name, path, owner, &tx).await else {
                 // Not yet possible (a new archive): the next scan tries again.
                 me.state().jobs.remove(&name);
                 let _ = tx.send(Job::Failed);
@@ -190,10 +211,29 @@ impl Ahead {
     }
 
     /// The job's end; None when it cannot run yet (the archive has no identity).
-    async fn upload(&self, name: &ArchiveName, path: PathBuf, owner: u32) -> Option<Job> {
+    async fn upload(
+        &self,
+        name: &ArchiveName,
+        path: PathBuf,
+        owner: u32,
+        tx: &watch::Sender<Job>,
+    ) -> Option<Job> {
         let Ok(_permit) = self.permits.clone().acquire_owned().await else {
             return Some(Job::Failed);
         };
+        {
+            // A close that came while this job waited took the ordinary path, and a scan that
+            // no longer sees it ready dropped it: nothing to do then.
+            let st = self.state();
+            let ours = st
+                .jobs
+                .get(name)
+                .is_some_and(|r| r.same_channel(&tx.subscribe()));
+            if !ours || st.done.contains(name) {
+                return Some(Job::Failed);
+            }
+            let _ = tx.send(Job::Running);
+        }
         // Only into an archive whose segment size is known (the first close records it).
         let size = match self.cache.archive().identity().await {
             Ok(Some(id)) if id.wal_segment_size <= MAX_SEGMENT => id.wal_segment_size,
@@ -229,9 +269,22 @@ impl Ahead {
             if !m.is_file() || m.uid() != owner || m.len() != size {
                 return Err(std::io::ErrorKind::InvalidData.into());
             }
+            let ready = path.parent().map(|wal| {
+                wal.join("archive_status").join(format!(
+                    "{}.ready",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ))
+            });
             buf.clear();
             buf.reserve(size as usize);
             f.read_to_end(&mut buf)?;
+            // Still this segment, still ready: PostgreSQL renames a segment for reuse only
+            // after it is done, so these bytes are its final ones.
+            let now = std::fs::symlink_metadata(&path)?;
+            let still_ready = ready.is_some_and(|r| r.exists());
+            if now.ino() != m.ino() || now.dev() != m.dev() || !still_ready {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
             let digest = Sha256::digest(&buf).into();
             Ok((buf, digest))
         })
@@ -265,6 +318,10 @@ impl Ahead {
             }
             Err(e) => {
                 tracing::debug!(%name, error = %e, "archive-ahead: not stored; the close archives it");
+                if e.class() == crate::store::Class::Refused {
+                    // A conflict or a refusal is final for this name: no retries.
+                    remember(&mut self.state().done, name);
+                }
                 Job::Failed
             }
         })
@@ -278,15 +335,28 @@ impl Ahead {
         let Some(mut rx) = rx else {
             return false;
         };
-        let job = loop {
-            let j = *rx.borrow_and_update();
-            if j != Job::Running {
-                break j;
-            }
-            if rx.changed().await.is_err() {
-                break Job::Failed;
+        let wait = async {
+            loop {
+                let j = *rx.borrow_and_update();
+                if j == Job::Queued {
+                    // Not started: this close archives it; the job must not start.
+                    let mut st = self.state();
+                    st.jobs.remove(name);
+                    st.hidden.remove(name);
+                    remember(&mut st.done, name);
+                    return Job::Failed;
+                }
+                if j != Job::Running {
+                    return j;
+                }
+                if rx.changed().await.is_err() {
+                    return Job::Failed;
+                }
             }
         };
+        let job = tokio::time::timeout(WAIT_MAX, wait)
+            .await
+            .unwrap_or(Job::Failed);
         let Job::Stored(stored) = job else {
             return false;
         };
@@ -294,7 +364,11 @@ impl Ahead {
             return false;
         };
         let written = tokio::task::spawn_blocking(move || digest_of(&f, len)).await;
-        matches!(written, Ok(Ok(d)) if d == stored)
+        if !matches!(written, Ok(Ok(d)) if d == stored) {
+            return false;
+        }
+        // Still there, at that size (deleted meanwhile, it must be archived again).
+        matches!(self.cache.archive().header(name).await, Ok(Some(h)) if h.plaintext_len == len)
     }
 
     /// Whether lookups must not see `name` yet (stored ahead, not yet archived by its close).
@@ -307,11 +381,30 @@ impl Ahead {
         let mut st = self.state();
         st.jobs.remove(name);
         st.hidden.remove(name);
-        if !st.done.contains(name) {
-            st.done.push_back(name.clone());
-            if st.done.len() > DONE_KEPT {
-                st.done.pop_front();
+        remember(&mut st.done, name);
+    }
+
+    /// Drops every job and hide of `data`'s segments that are no longer ready: PostgreSQL
+    /// renames `.ready` to `.done` only after archive_command succeeded (through this mount or
+    /// not), and a job never outlives its segment's readiness.
+    fn forget_unready(&self, ready: &HashSet<ArchiveName>, watched: &mut HashSet<ArchiveName>) {
+        let mut st = self.state();
+        watched.retain(|n| {
+            if ready.contains(n) {
+                return true;
             }
+            st.hidden.remove(n);
+            st.jobs.remove(n);
+            false
+        });
+    }
+}
+
+fn remember(done: &mut VecDeque<ArchiveName>, name: &ArchiveName) {
+    if !done.contains(name) {
+        done.push_back(name.clone());
+        if done.len() > DONE_KEPT {
+            done.pop_front();
         }
     }
 }
@@ -592,6 +685,59 @@ mod tests {
             !r.ahead.state().jobs.contains_key(&n2),
             "no job for an archived name"
         );
+    }
+
+    #[tokio::test]
+    async fn a_segment_no_longer_ready_is_neither_hidden_nor_waited_for() {
+        let r = rig().await;
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        taken_up(&r, SEG2).await;
+        let n2 = ArchiveName::parse(SEG2).unwrap();
+        let seg2 = test_segment(SEG2, 7, 1 << 20);
+        assert!(
+            r.ahead
+                .confirms(&n2, &spool(&seg2), seg2.len() as u64)
+                .await
+        );
+        assert!(r.ahead.hides(&n2));
+        // Archived elsewhere (not through this mount's close): PostgreSQL marks it done.
+        let status = r.data.path().join("pg_wal/archive_status");
+        std::fs::rename(
+            status.join(format!("{SEG2}.ready")),
+            status.join(format!("{SEG2}.done")),
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!r.ahead.hides(&n2));
+        assert!(!r.ahead.state().jobs.contains_key(&n2));
+    }
+
+    #[tokio::test]
+    async fn a_close_never_waits_for_a_job_still_queued() {
+        let mut r = rig().await;
+        r.ahead = Ahead::new(r.ahead.cache.clone(), 1);
+        // The only permit is held by SEG2's slow upload; SEG3's job waits in the queue.
+        r.store
+            .inject(Op::Put, SEG2, Fault::Latency(Duration::from_secs(2)), None);
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        taken_up(&r, SEG3).await;
+        let n3 = ArchiveName::parse(SEG3).unwrap();
+        let seg3 = test_segment(SEG3, 7, 1 << 20);
+        let began = std::time::Instant::now();
+        assert!(
+            !r.ahead
+                .confirms(&n3, &spool(&seg3), seg3.len() as u64)
+                .await
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            began.elapsed()
+        );
+        // That job never runs: the close archives it.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(stored(&r, SEG3).await, None);
+        r.store.clear();
     }
 
     #[tokio::test]

@@ -404,8 +404,11 @@ impl Fs {
         }
         // Odd names (editors' probes, `.Trash`) are simply absent.
         let name = parse_child(parent, name).ok_or(FsError::NotFound)?;
-        if self.ahead.as_ref().is_some_and(|a| a.hides(&name)) {
-            // Stored ahead of its cp, which checks for it and then creates it exclusively.
+        if self.ahead.as_ref().is_some_and(|a| a.hides(&name))
+            && !self.procs.role(pid).may_end_recovery()
+        {
+            // Stored ahead of its cp, which checks for it and then creates it exclusively;
+            // never hidden from a server that restores it (it is archived).
             return Err(FsError::NotFound);
         }
         {

@@ -237,7 +237,8 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         Arc::new(crate::caller::Proc::default()),
     );
     if args.archive_ahead && !args.read_only {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // One job per core, at most 4: memory is one segment per job.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         fs = fs.with_ahead(crate::ahead::Ahead::new(cache.clone(), cores));
     }
     if args.metrics_addr.is_some() {
