@@ -497,7 +497,7 @@ fn mountpoints_that_cannot_work_are_refused_with_a_reason() {
     ));
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr_str(&out).contains("already a mount point"),
+        stderr_str(&out).contains("already a FUSE mount"),
         "{}",
         stderr_str(&out)
     );

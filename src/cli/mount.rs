@@ -51,15 +51,26 @@ fn resolve_gid(spec: &str) -> Result<u32, Failure> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
-/// Mount points in /proc/self/mountinfo (field 5, octal escapes undone).
-fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| crate::ops::check::unescape(mp) == want)
+/// The file system type of the topmost mount at `path` in a mountinfo table (field 5 is the
+/// mount point, octal escapes undone; the type follows the " - " separator), if any.
+fn mounted_fs_type(mountinfo: &str, path: &str) -> Option<String> {
+    mountinfo
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|mp| crate::ops::check::unescape(mp) == path)
+        })
+        .filter_map(|l| l.split(" - ").nth(1)?.split(' ').next().map(str::to_string))
+        .next_back()
+}
+
+/// A FUSE file system already mounted at `path` (another walfs, most likely): mounting over it
+/// would hide it while it keeps running. Any other mount there (a container's bind mount of the
+/// host's /mnt/wal, a tmpfs) is only the directory walfs mounts on.
+fn fuse_mounted_at(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounted_fs_type(&info, &path.to_string_lossy()).filter(|t| t.starts_with("fuse"))
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
@@ -70,9 +81,9 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
     if !canonical.is_dir() {
         return Err(usage(format!("mountpoint {shown} is not a directory")));
     }
-    if is_mount_point(&canonical) {
+    if let Some(fstype) = fuse_mounted_at(&canonical) {
         return Err(usage(format!(
-            "{shown} is already a mount point (another walfs? unmount it with fusermount3 -u {shown})"
+            "{shown} is already a FUSE mount ({fstype}; another walfs?): unmount it with fusermount3 -u {shown}"
         )));
     }
     let mut entries =
@@ -302,7 +313,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         let c = CString::new(mp.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: umount2 with a NUL-terminated path.
         let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 && is_mount_point(&mp) {
+        if rc != 0 && fuse_mounted_at(&mp).is_some() {
             return Err(Failure::new(
                 exit::UNAVAILABLE,
                 format!("unmounting {}: {e}", mp.display()),
@@ -333,5 +344,32 @@ async fn watch_backups(archive: Arc<crate::store::Archive>) {
         }
         ticks = ticks.wrapping_add(1);
         tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mounted_fs_type;
+
+    const INFO: &str = "\
+22 1 0:21 / / rw,relatime - overlay overlay rw
+35 22 8:1 /var/tmp/x/mnt /mnt/wal rw,relatime - ext4 /dev/sda1 rw
+36 22 0:40 / /mnt/other\\040dir rw shared:5 - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn the_topmost_mount_at_a_point_names_its_type() {
+        assert_eq!(mounted_fs_type(INFO, "/mnt/wal").as_deref(), Some("ext4"));
+        assert_eq!(
+            mounted_fs_type(INFO, "/mnt/other dir").as_deref(),
+            Some("tmpfs")
+        );
+        assert_eq!(mounted_fs_type(INFO, "/mnt"), None);
+        // A walfs mounted over the bind mount is what a second mount must not hide.
+        let stacked = format!("{INFO}40 35 0:50 / /mnt/wal rw,nosuid - fuse.walfs walfs rw\n");
+        assert_eq!(
+            mounted_fs_type(&stacked, "/mnt/wal").as_deref(),
+            Some("fuse.walfs")
+        );
     }
 }
