@@ -28,12 +28,30 @@ pub struct FileSettings {
     pub standby_timeout: Option<String>,
 }
 
+/// Where a setting's value came from, so a refusal can say what to change.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A command-line flag.
+    Flag,
+    /// A `WALFS_*` environment variable (for a systemd unit, its environment file).
+    Env,
+    /// The config file.
+    File(PathBuf),
+    /// Nothing set it.
+    #[default]
+    Default,
+}
+
 /// What flags and environment gave (None where neither did).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub config: Option<PathBuf>,
     pub archive: Option<String>,
+    /// Flag or Env, when `archive` is set.
+    pub archive_origin: Origin,
     pub key_file: Option<PathBuf>,
+    /// Flag or Env, when `key_file` is set.
+    pub key_file_origin: Origin,
     pub cache_dir: Option<PathBuf>,
     pub compression_level: Option<i32>,
     pub retry_timeout: Option<Duration>,
@@ -71,6 +89,10 @@ pub struct Settings {
     pub standby_timeout: Duration,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
+    /// Where `archive` came from.
+    pub archive_origin: Origin,
+    /// Where `key_file` came from (Default: no key file).
+    pub key_file_origin: Origin,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +181,19 @@ fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
         path: path.to_path_buf(),
         why,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        err(match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "not found: fix --config or WALFS_CONFIG, or unset it".to_string()
+            }
+            // Every user of walfs reads it: root's mount, postgres's archive_command.
+            std::io::ErrorKind::PermissionDenied => format!(
+                "{e}: every walfs user reads the config (root, postgres): chmod 0644 it, and \
+                 keep secrets in the key file and environment files instead"
+            ),
+            _ => e.to_string(),
+        })
+    })?;
     toml::from_str(&text).map_err(|e| err(e.to_string().trim().replace('\n', " ")))
 }
 
@@ -228,10 +262,25 @@ impl Settings {
         )?;
         let compression_level = o.compression_level.or(file.compression_level).unwrap_or(3);
         if !(0..=22).contains(&compression_level) {
+            let from = match (o.compression_level, &config_file) {
+                (None, Some(p)) => format!("`compression-level` in {}", p.display()),
+                _ => "--compression-level or WALFS_COMPRESSION_LEVEL".to_string(),
+            };
             return Err(ConfigError::Invalid(format!(
-                "compression level {compression_level} is outside 0 (off) to 22"
+                "compression level {compression_level} (from {from}) is outside 0 (off) to 22"
             )));
         }
+        let from_file = || Origin::File(config_file.clone().unwrap_or_default());
+        let archive_origin = match (&o.archive, &file.archive) {
+            (Some(_), _) => o.archive_origin.clone(),
+            (None, Some(_)) => from_file(),
+            (None, None) => Origin::Default,
+        };
+        let key_file_origin = match (&o.key_file, &file.key_file) {
+            (Some(_), _) => o.key_file_origin.clone(),
+            (None, Some(_)) => from_file(),
+            (None, None) => Origin::Default,
+        };
         Ok(Settings {
             archive: o
                 .archive
@@ -239,6 +288,8 @@ impl Settings {
                 .or(file.archive)
                 .unwrap_or_else(default_archive),
             key_file: o.key_file.clone().or(file.key_file),
+            archive_origin,
+            key_file_origin,
             cache_dir: o
                 .cache_dir
                 .clone()
@@ -251,6 +302,43 @@ impl Settings {
             standby_timeout,
             config_file,
         })
+    }
+}
+
+impl Settings {
+    /// Where the archive URL came from, naming what to change: "(archive URL … set by …)".
+    pub fn archive_note(&self) -> String {
+        let how = match &self.archive_origin {
+            Origin::Flag => "given with --archive".to_string(),
+            Origin::Env => "set by WALFS_ARCHIVE in the environment (for a systemd unit: in \
+                            its /etc/walfs/*.env file)"
+                .to_string(),
+            Origin::File(p) => format!("set by `archive` in {}", p.display()),
+            Origin::Default => format!(
+                "walfs's default, since nothing set --archive, WALFS_ARCHIVE or `archive` in \
+                 {SYSTEM_CONFIG}"
+            ),
+        };
+        format!("the archive URL {} is {how}", self.archive)
+    }
+
+    /// Where the key file came from, or that none is configured, naming what to change.
+    pub fn key_note(&self) -> String {
+        let Some(path) = &self.key_file else {
+            return format!(
+                "no key file is configured: set --key-file, WALFS_KEY_FILE or `key-file` in \
+                 {SYSTEM_CONFIG}"
+            );
+        };
+        let how = match &self.key_file_origin {
+            Origin::Flag => "given with --key-file".to_string(),
+            Origin::Env => "set by WALFS_KEY_FILE in the environment (for a systemd unit: in \
+                            its /etc/walfs/*.env file)"
+                .to_string(),
+            Origin::File(p) => format!("set by `key-file` in {}", p.display()),
+            Origin::Default => "set".to_string(),
+        };
+        format!("the key file {} is {how}", path.display())
     }
 }
 
@@ -299,6 +387,42 @@ mod tests {
         let s = Settings::resolve(&o).unwrap();
         assert_eq!(s.archive, "file:///a");
         assert_eq!(s.compression_level, 1);
+    }
+
+    #[test]
+    fn refusals_can_name_where_the_archive_and_key_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("walfs.toml");
+        std::fs::write(&p, "archive = \"s3://bucket/x\"\n").unwrap();
+        let mut o = Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&o).unwrap();
+        assert_eq!(s.archive_origin, Origin::File(p.clone()));
+        assert!(
+            s.archive_note().contains("`archive` in"),
+            "{}",
+            s.archive_note()
+        );
+        assert_eq!(s.key_file_origin, Origin::Default);
+        assert!(s.key_note().contains("no key file"), "{}", s.key_note());
+        o.archive = Some("file:///a".into());
+        o.archive_origin = Origin::Env;
+        o.key_file = Some("/k".into());
+        o.key_file_origin = Origin::Flag;
+        let s = Settings::resolve(&o).unwrap();
+        assert!(
+            s.archive_note().contains("WALFS_ARCHIVE"),
+            "{}",
+            s.archive_note()
+        );
+        assert!(s.key_note().contains("--key-file"), "{}", s.key_note());
+        std::fs::write(&p, "").unwrap();
+        o.archive = None;
+        let s = Settings::resolve(&o).unwrap();
+        assert_eq!(s.archive_origin, Origin::Default);
+        assert!(s.archive_note().contains("default"), "{}", s.archive_note());
     }
 
     #[test]

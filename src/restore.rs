@@ -47,6 +47,8 @@ pub struct Trouble {
     /// The archive has no identity at all ([`Error::NoArchive`]).
     pub no_archive: bool,
     pub message: String,
+    /// The setting to change, if one ([`Error::concerns`]).
+    pub concerns: Option<crate::store::Concern>,
 }
 
 impl From<&Error> for Trouble {
@@ -55,6 +57,7 @@ impl From<&Error> for Trouble {
             class: e.class(),
             no_archive: matches!(e, Error::NoArchive(_)),
             message: e.to_string(),
+            concerns: e.concerns(),
         }
     }
 }
@@ -66,6 +69,7 @@ impl Trouble {
             class: Class::Unavailable,
             no_archive: false,
             message: format!("local disk: {e}"),
+            concerns: None,
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Refusal {
     pub class: Class,
     pub role: Role,
     pub message: String,
+    /// The setting to change, if one.
+    pub concerns: Option<crate::store::Concern>,
     /// The caller must end in a way PostgreSQL takes as FATAL: the recovery stops, nothing is
     /// promoted.
     pub fatal: bool,
@@ -179,7 +185,7 @@ impl Policy {
                                 Some(t) => format!("{} (then no answer for {bound:?})", t.message),
                                 None => format!("the archive sent nothing for {bound:?}"),
                             };
-                            let t = Trouble { class: Class::Unavailable, no_archive: false, message };
+                            let t = Trouble { class: Class::Unavailable, no_archive: false, message, concerns: None };
                             return Err(self.give_up(r, t, r == Role::Recovery, what));
                         }
                     }
@@ -250,6 +256,7 @@ impl Policy {
             class: Class::Unavailable,
             role,
             message: format!("{what}: the caller was killed while it waited"),
+            concerns: None,
             fatal: false,
             interrupted: true,
         })
@@ -276,6 +283,7 @@ impl Policy {
             class: t.class,
             role,
             message: t.message,
+            concerns: t.concerns,
             fatal,
             interrupted: false,
         }
@@ -335,6 +343,7 @@ mod tests {
             class,
             no_archive: false,
             message: "x".into(),
+            concerns: None,
         }
     }
 
@@ -432,6 +441,7 @@ mod tests {
                 class: Class::Misconfigured,
                 no_archive: true,
                 message: "no archive".into(),
+                concerns: None,
             })
         };
         let other = FakeProcs::new(Role::Other);

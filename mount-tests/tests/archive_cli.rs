@@ -560,6 +560,12 @@ fn unreachable_servers_and_missing_buckets_are_errors_not_absence() {
         "{}",
         stderr_str(&out)
     );
+    // ... and names the setting to change, as it was given.
+    assert!(
+        stderr_str(&out).contains("the archive URL s3://no-such-bucket/p is given with --archive"),
+        "{}",
+        stderr_str(&out)
+    );
     // A local archive directory that does not exist is not an empty archive either.
     let t = Target::local(&scratch.path().join("nowhere"), None);
     assert_code(

@@ -296,6 +296,8 @@ mod tests {
             recovery_timeout: crate::config::Wait::Forever,
             standby_timeout: std::time::Duration::from_secs(5),
             config_file: None,
+            archive_origin: crate::config::Origin::Flag,
+            key_file_origin: crate::config::Origin::Flag,
         };
         let c = default_restore_command(&settings);
         assert!(c.contains("file:///srv/wal%%20archive"), "{c}");

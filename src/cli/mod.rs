@@ -314,6 +314,8 @@ pub struct ReceiveArgs {
 pub struct Failure {
     code: u8,
     message: String,
+    /// The setting whose origin the message should name (filled in by `run`).
+    concerns: Option<crate::store::Concern>,
 }
 
 impl Failure {
@@ -323,7 +325,26 @@ impl Failure {
         Failure {
             code,
             message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+            concerns: None,
         }
+    }
+
+    /// The failure about `concern`: the message then says where that setting came from.
+    pub fn concerning(mut self, concern: Option<crate::store::Concern>) -> Failure {
+        self.concerns = concern;
+        self
+    }
+
+    /// Appends where the setting this failure is about came from (flag, variable, file,
+    /// default), so the operator knows what to change.
+    fn with_origin(mut self, settings: &Settings) -> Failure {
+        let note = match self.concerns.take() {
+            Some(crate::store::Concern::Archive) => settings.archive_note(),
+            Some(crate::store::Concern::KeyFile) => settings.key_note(),
+            None => return self,
+        };
+        self.message = format!("{}; {note}", self.message);
+        self
     }
 }
 
@@ -335,7 +356,7 @@ impl From<StoreError> for Failure {
             crate::store::Class::Damaged => exit::DAMAGED,
             crate::store::Class::Unavailable => exit::UNAVAILABLE,
         };
-        Failure::new(code, e.to_string())
+        Failure::new(code, e.to_string()).concerning(e.concerns())
     }
 }
 
@@ -362,6 +383,33 @@ fn init_logging(verbose: u8, daemon: bool, format: LogFormat) {
     };
 }
 
+/// clap's message for a bad value names the flag even when the value came from its
+/// environment variable: then say which variable to fix.
+fn env_origin_of(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let flag = format!("--{long}");
+    if std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+        return None;
+    }
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let env = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?
+        .to_string_lossy()
+        .into_owned();
+    std::env::var_os(&env)?;
+    Some(format!(
+        "walfs: that value of --{long} came from {env} in the environment (for a systemd unit: \
+         its /etc/walfs/*.env file): fix or unset {env}"
+    ))
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -370,9 +418,18 @@ pub fn main() -> ExitCode {
             // A restore_command mistyped (`walfs fecth`, a missing %p) must not read as
             // "absent" to a recovering server either.
             let fetching = std::env::args().any(|a| a == "fetch");
+            let from_env = env_origin_of(&e);
             if e.use_stderr() && fetching && restore_role().is_some_and(|r| r.may_end_recovery()) {
                 let _ = e.print();
+                if let Some(note) = &from_env {
+                    eprintln!("{note}");
+                }
                 return ExitCode::from(exit::FATAL + exit::USAGE);
+            }
+            if let Some(note) = from_env {
+                let _ = e.print();
+                eprintln!("{note}");
+                return ExitCode::from(exit::USAGE);
             }
             e.exit();
         }
@@ -411,7 +468,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let g = cli.global;
     let overrides = Overrides {
         config: g.config,
+        archive_origin: flag_or_env("--archive"),
         archive: g.archive,
+        key_file_origin: flag_or_env("--key-file"),
         key_file: g.key_file,
         cache_dir: g.cache_dir,
         compression_level: g.compression_level,
@@ -427,7 +486,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     let settings =
         Settings::resolve(&overrides).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
-    match cli.command {
+    dispatch(cli.command, &settings)
+        .await
+        .map_err(|f| f.with_origin(&settings))
+}
+
+/// Flag or environment: clap resolves a flag over its variable, so a value present without
+/// the flag on the command line came from the variable.
+fn flag_or_env(long: &str) -> config::Origin {
+    let eq = format!("{long}=");
+    let on_line = std::env::args_os()
+        .take_while(|a| a != "--")
+        .any(|a| a == long || a.to_string_lossy().starts_with(&eq));
+    if on_line {
+        config::Origin::Flag
+    } else {
+        config::Origin::Env
+    }
+}
+
+async fn dispatch(command: Command, settings: &Settings) -> Result<(), Failure> {
+    let settings = settings.clone();
+    match command {
         Command::Keygen { .. } | Command::GenerateAssets { .. } => Ok(()),
         Command::Key(KeyCommand::Rotate) => {
             let archive = open_archive(&settings, false)?;
@@ -488,8 +568,10 @@ fn load_keys(settings: &Settings) -> Result<Option<Keyring>, Failure> {
     let Some(path) = &settings.key_file else {
         return Ok(None);
     };
-    let fail =
-        |why: String| Failure::new(exit::USAGE, format!("key file {}: {why}", path.display()));
+    let fail = |why: String| {
+        Failure::new(exit::USAGE, format!("key file {}: {why}", path.display()))
+            .concerning(Some(crate::store::Concern::KeyFile))
+    };
     let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
     let mode = meta.mode() & 0o777;
@@ -634,6 +716,7 @@ async fn fetch_under_policy(
         class: crate::store::Class::Unavailable,
         no_archive: false,
         message: format!("writing {}: {e}", dest.display()),
+        concerns: None,
     };
     // Decoded straight into a temp file beside the destination; renamed into place only once
     // every chunk authenticated and the data is on disk.
@@ -678,7 +761,7 @@ async fn fetch_under_policy(
                 crate::store::Class::Damaged => exit::DAMAGED,
                 crate::store::Class::Misconfigured | crate::store::Class::Refused => exit::USAGE,
             };
-            Err(Failure::new(code, r.message))
+            Err(Failure::new(code, r.message).concerning(r.concerns))
         }
     }
 }

@@ -75,9 +75,12 @@ fn fuse_mounted_at(path: &Path) -> Option<String> {
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
     let shown = path.display();
-    let canonical = path
-        .canonicalize()
-        .map_err(|e| usage(format!("mountpoint {shown}: {e}")))?;
+    let canonical = path.canonicalize().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => usage(format!(
+            "mountpoint {shown}: {e}: create it first (mkdir {shown}, an empty directory)"
+        )),
+        _ => usage(format!("mountpoint {shown}: {e}")),
+    })?;
     if !canonical.is_dir() {
         return Err(usage(format!("mountpoint {shown} is not a directory")));
     }

@@ -117,7 +117,7 @@ pub enum Error {
     #[error("{name}: {source}")]
     Unreadable { name: String, source: OpenError },
     /// The backend failed (after retries): unreachable, missing bucket, permissions, I/O.
-    #[error("{op}: {source}")]
+    #[error("{op}: {source}{}", credentials_hint(source))]
     Backend {
         op: String,
         source: object_store::Error,
@@ -131,8 +131,8 @@ pub enum Error {
     MissingContainer { op: String, url: String },
     /// There is no walfs archive at the URL at all.
     #[error(
-        "no walfs archive at {0} (no {IDENTITY_OBJECT}): wrong --archive, or a missing bucket, \
-         container or prefix?"
+        "no walfs archive at {0} (no {IDENTITY_OBJECT}): a wrong archive URL, a missing \
+         bucket, container or prefix, or nothing archived there yet?"
     )]
     NoArchive(String),
     /// The archive's identity was read before and is gone now: a wiped or replaced prefix, or
@@ -148,6 +148,29 @@ pub enum Error {
          written with this archive's key (forged, swapped or damaged); nothing is served from it"
     )]
     ForgedIdentity(String),
+}
+
+/// What to change when the store refused who we are, rather than failed.
+fn credentials_hint(e: &object_store::Error) -> &'static str {
+    match e {
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
+            "; the store refused these credentials: check AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY (S3), GOOGLE_SERVICE_ACCOUNT (GCS) or AZURE_STORAGE_* (Azure) \
+             in this process's environment (for a systemd unit: its /etc/walfs/*.env file), and \
+             for a local archive the directory's owner and mode"
+        }
+        _ => "",
+    }
+}
+
+/// The setting a failure is about (see [`Error::concerns`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Concern {
+    /// The archive URL: another archive, bucket or prefix.
+    Archive,
+    /// The key file: another file, or one that holds the archive's key.
+    KeyFile,
 }
 
 /// What a failure means to someone restoring WAL. None of these is "absent".
@@ -175,6 +198,25 @@ impl Error {
                 Class::Misconfigured
             }
             Error::Refused { .. } | Error::Conflict { .. } => Class::Refused,
+        }
+    }
+
+    /// Which setting an operator would change to fix this, if one: the CLI names where that
+    /// setting came from (flag, environment, config file, default).
+    pub fn concerns(&self) -> Option<Concern> {
+        match self {
+            Error::Config(why) if why.contains("key") => Some(Concern::KeyFile),
+            Error::Config(_)
+            | Error::MissingContainer { .. }
+            | Error::NoArchive(_)
+            | Error::Conflict { .. } => Some(Concern::Archive),
+            Error::Refused { why, .. } if why.contains("key id") => Some(Concern::KeyFile),
+            Error::Refused { why, .. } if why.contains("this archive") => Some(Concern::Archive),
+            Error::Unreadable {
+                source: OpenError::KeyRequired(_) | OpenError::WrongKey { .. },
+                ..
+            } => Some(Concern::KeyFile),
+            _ => None,
         }
     }
 
@@ -1396,7 +1438,17 @@ mod tests {
         ];
         for (name, data, why) in cases {
             match a.push(&n(name), data).await {
-                Err(Error::Refused { why: w, .. }) => assert!(w.contains(why), "{w}"),
+                Err(e @ Error::Refused { .. }) => {
+                    assert!(e.to_string().contains(why), "{e}");
+                    // Another cluster's WAL: the fix is another archive URL; a bad file has
+                    // no setting to change.
+                    let other_cluster = why == "system identifier" || why == "wal_segment_size";
+                    assert_eq!(
+                        e.concerns(),
+                        other_cluster.then_some(Concern::Archive),
+                        "{e}"
+                    );
+                }
                 r => panic!("{why}: expected a refusal, got {r:?}"),
             }
             assert_eq!(a.fetch(&n(name)).await.unwrap(), None);
@@ -1748,7 +1800,8 @@ mod tests {
         assert!(matches!(both.rotate_key().await, Ok((ref o, ref n)) if o != n));
         // A host still on the old key alone may no longer push, nor read the new objects.
         let old = keyed(store.clone(), &[1]);
-        assert!(old.identity().await.is_err());
+        let e = old.identity().await.unwrap_err();
+        assert_eq!(e.concerns(), Some(Concern::KeyFile), "{e}");
         let both = keyed(store.clone(), &[2, 1]);
         both.push(&s3, seg(&s3)).await.unwrap();
         for x in [&s1, &s2, &s3] {
@@ -1756,15 +1809,37 @@ mod tests {
         }
         // Without the old key the first object is damage to the new key alone, never data.
         let new_only = keyed(store.clone(), &[2]);
-        assert_eq!(
-            new_only.fetch(&s1).await.unwrap_err().class(),
-            Class::Damaged
-        );
+        let e = new_only.fetch(&s1).await.unwrap_err();
+        assert_eq!(e.class(), Class::Damaged);
+        assert_eq!(e.concerns(), Some(Concern::KeyFile), "{e}");
         assert_eq!(new_only.fetch(&s3).await.unwrap().unwrap(), seg(&s3));
         assert!(
             both.rotate_key().await.is_err(),
             "rotating to the key in use"
         );
+    }
+
+    #[test]
+    fn a_refusal_of_the_credentials_names_them() {
+        let refused = Error::backend(
+            "uploading x",
+            object_store::Error::PermissionDenied {
+                path: "x".into(),
+                source: "403 AccessDenied".into(),
+            },
+        );
+        assert!(
+            refused.to_string().contains("AWS_ACCESS_KEY_ID"),
+            "{refused}"
+        );
+        let down = Error::backend(
+            "uploading x",
+            object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            },
+        );
+        assert!(!down.to_string().contains("credentials"), "{down}");
     }
 
     #[tokio::test]
