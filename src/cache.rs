@@ -160,6 +160,8 @@ pub struct Cache {
     stats_path: PathBuf,
     /// The spool `walfs receive` writes when it shares this cache directory.
     spool: Spool,
+    /// One mount per cache directory and archive: a second would wipe this one's files.
+    _lock: crate::dirlock::DirLock,
     serve_partial: bool,
 }
 
@@ -210,6 +212,19 @@ impl Cache {
     pub fn new(archive: Arc<Archive>, opts: &CacheOptions) -> io::Result<Cache> {
         let base = Cache::archive_dir(&opts.dir, archive.url());
         private_dir(&base, ARCHIVE_DIR_MODE)?;
+        let lock = crate::dirlock::lock(&base.join("mount.lock"), "walfs mount").map_err(|e| {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return e;
+            }
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}: one mount per archive and cache directory (a second would wipe the \
+                     first one's cache and writes); stop it, or give this mount its own \
+                     --cache-dir (WALFS_CACHE_DIR, `cache-dir` in walfs.toml)"
+                ),
+            )
+        })?;
         let plain_dir = base.join("plain");
         let writes_dir = base.join("writes");
         reset_dir(&plain_dir)?;
@@ -225,6 +240,7 @@ impl Cache {
             .time_to_live(Duration::from_secs(600))
             .build();
         Ok(Cache {
+            _lock: lock,
             archive,
             plain_dir,
             writes_dir,

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod caller;
 pub mod cli;
 pub mod config;
+pub mod dirlock;
 pub mod envelope;
 pub mod fs;
 pub mod fuse;

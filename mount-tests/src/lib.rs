@@ -67,6 +67,37 @@ pub fn run(cmd: &mut Command) -> Output {
     }
 }
 
+/// Runs `cmd` as [`run`] does, for a command that must end by itself within `limit` (a refusal
+/// of something that would otherwise run until stopped): past it, the child gets SIGTERM (a
+/// mount unmounts on it), then SIGKILL, and the test fails.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
+    let t0 = Instant::now();
+    while child.try_wait().ok().flatten().is_none() && t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().ok().flatten().is_none() {
+        // SAFETY: a signal to the child this function started, by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if !poll_until(Duration::from_secs(10), || {
+            child.try_wait().ok().flatten().is_some()
+        }) {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().expect("wait");
+        panic!(
+            "still running after {limit:?}, stopped\n{}",
+            describe_output(cmd, &out)
+        );
+    }
+    child.wait_with_output().expect("wait")
+}
+
 /// Runs `cmd` (see [`run`]) and panics, showing the command, exit status, stdout and stderr, unless it
 /// exits with status 0. Returns the output for further checks.
 pub fn sh_ok(cmd: &mut Command) -> Output {

@@ -501,6 +501,26 @@ fn mountpoints_that_cannot_work_are_refused_with_a_reason() {
         "{}",
         stderr_str(&out)
     );
+    // A second mount of the same archive elsewhere, on the live one's cache directory: it
+    // would wipe that mount's cache and writes.
+    let elsewhere = scratch.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let cache = mount.cache_dir().display().to_string();
+    let out = run_within(
+        &mut walfs(
+            &args,
+            &[],
+            &["--cache-dir", &cache, "mount", elsewhere.to_str().unwrap()],
+        ),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_str(&out));
+    assert!(
+        stderr_str(&out).contains("one mount per archive and cache directory")
+            && stderr_str(&out).contains("--cache-dir"),
+        "{}",
+        stderr_str(&out)
+    );
     drop(mount);
 
     // A user mounting: /dev/fuse must be open to it (on some hosts it is 0600), and

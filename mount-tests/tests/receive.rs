@@ -37,6 +37,30 @@ fn received_segments_equal_the_servers_and_a_restart_leaves_no_gap() {
     pg.pgbench(&["-i", "-s", "2"]);
     let last = pg.switch_wal();
     wait_archived(&archive, &last, &r);
+    // A second receiver on the same cache directory would write the same spool: refused,
+    // naming the setting that separates them.
+    let cache = scratch.path().join("cache").display().to_string();
+    let out = run_within(
+        &mut walfs_cmd(
+            &archive,
+            &[
+                "--cache-dir",
+                &cache,
+                "receive",
+                "-d",
+                &pg.conninfo(),
+                "--slot",
+                "other",
+            ],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr_str(&out).contains("one receiver per archive and cache directory"),
+        "{}",
+        stderr_str(&out)
+    );
     r.stop();
     // While walfs is down, the slot keeps the server's WAL; a restart resumes without a gap.
     pg.pgbench(&["-t", "300", "-c", "2"]);

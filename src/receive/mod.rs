@@ -303,6 +303,8 @@ pub struct Receiver {
     progress: Arc<Progress>,
     /// The newest snapshot stored, so an unchanged segment is not uploaded again.
     last_snapshot: Arc<std::sync::Mutex<Option<Snapshot>>>,
+    /// One receiver per spool: two would write the same segment.
+    _lock: crate::dirlock::DirLock,
 }
 
 enum Ended {
@@ -312,7 +314,24 @@ enum Ended {
 impl Receiver {
     pub fn new(archive: Arc<Archive>, opts: ReceiveOptions) -> Result<Receiver, ReceiveError> {
         let spool = Arc::new(Spool::open(&opts.spool_dir).map_err(spool_err(&opts.spool_dir))?);
+        let lock = crate::dirlock::lock(&opts.spool_dir.join("receive.lock"), "walfs receive")
+            .map_err(|e| {
+                let e = if e.kind() == io::ErrorKind::WouldBlock {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}: one receiver per archive and cache directory (two would write \
+                             the same segment); stop it, or give this one its own --cache-dir \
+                             (WALFS_CACHE_DIR, `cache-dir` in walfs.toml)"
+                        ),
+                    )
+                } else {
+                    e
+                };
+                spool_err(&opts.spool_dir)(e)
+            })?;
         Ok(Receiver {
+            _lock: lock,
             archive,
             opts,
             spool,
