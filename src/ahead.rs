@@ -11,12 +11,18 @@
 //!    (`/proc/PID/cwd`). When that holds `pg_wal/archive_status`, it is a data directory and
 //!    is watched (every 100 ms) for `.ready` segments.
 //! 2. Each ready segment (a segment name, exactly the archive's segment size, at most 64 MiB)
-//!    is read whole, hashed (SHA-256, kept in memory only) and pushed as any archived file is
-//!    (checked, sealed, create-only, durable before it counts), at most `concurrency` at once.
-//! 3. The close of `cp` for that name waits for its job, hashes what `cp` wrote, and succeeds at
-//!    once when the hashes match and the job stored (or found) exactly those bytes. Anything
-//!    else (no job, a failed job, other bytes) takes the ordinary path: the push of what `cp`
-//!    wrote, which a create-only store turns into a conflict if other bytes were stored.
+//!    is read whole and pushed as any archived file is (checked, sealed, create-only, durable
+//!    before it counts), at most `concurrency` at once. The job then keeps the bytes it stored
+//!    (the segment buffers of running and stored jobs share [`MEMORY_BUDGET`], so jobs run only
+//!    a few segments ahead of `cp`), for at most [`HOLD_MAX`].
+//! 3. When `cp` creates that name, the mount borrows those bytes ([`Ahead::lend`], an
+//!    [`Expected`]): each write that continues them, byte for byte, is compared and not spooled;
+//!    the first write that differs (or skips ahead) spools what matched so far and goes on as
+//!    any write. A close whose writes matched them all succeeds at once. A `cp` that came before
+//!    its job ended waits for it at its close ([`Ahead::confirms`]) and compares its spool with
+//!    the stored bytes instead. Anything else (no job, a failed job, other bytes, bytes no
+//!    longer kept) takes the ordinary path: the push of what `cp` wrote, which compares it with
+//!    any object already stored under the name (a create-only store never overwrites it).
 //!
 //! Only what the writer could read itself is read: the data directory must belong to the user
 //! the writing process runs as, and each segment is opened without following a link and must
@@ -42,7 +48,6 @@ use crate::cache::Cache;
 use crate::store::PushOutcome;
 use crate::wal::{ArchiveName, FileKind};
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -63,14 +68,22 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// The longest a close waits for its segment's running job before archiving what `cp` wrote
 /// itself (both are create-only: whichever lands first, the other compares).
 const WAIT_MAX: Duration = Duration::from_secs(60);
+/// Segment bytes the jobs may hold at once, read or kept for a `cp` to come (6 segments of
+/// 16 MiB, or one of 64 MiB): the bound on archive-ahead's memory.
+pub const MEMORY_BUDGET: u64 = 96 << 20;
+/// Stored bytes no `cp` borrowed within this are let go (its close then compares with the
+/// store).
+pub const HOLD_MAX: Duration = Duration::from_secs(60);
+/// Pooled segment buffers kept for reuse.
+const POOL_MAX: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Job {
     /// Waiting for a permit: a close that finds it here takes the ordinary path instead.
     Queued,
     Running,
-    /// In the archive, with the SHA-256 of its plaintext.
-    Stored([u8; 32]),
+    /// In the archive (its bytes are in `State::held` while kept).
+    Stored,
     Failed,
 }
 
@@ -81,16 +94,19 @@ struct State {
     done: VecDeque<ArchiveName>,
     /// Stored (or being stored) by a job though absent before it: hidden until its close.
     hidden: HashSet<ArchiveName>,
+    /// The bytes stored jobs stored, until a `cp` of that name borrows them.
+    held: HashMap<ArchiveName, (Held, std::time::Instant)>,
 }
 
 /// See the module documentation.
 pub struct Ahead {
     cache: Arc<Cache>,
     permits: Arc<tokio::sync::Semaphore>,
-    permits_total: usize,
     state: Mutex<State>,
-    /// Segment buffers, reused: one per running job at most, so memory stays flat.
-    buffers: Mutex<Vec<Vec<u8>>>,
+    /// Bytes of segment buffers in use, in MiB ([`MEMORY_BUDGET`]).
+    memory: Arc<tokio::sync::Semaphore>,
+    /// Segment buffers, reused, so memory stays flat.
+    buffers: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 /// A pooled buffer lent to a push as its bytes.
@@ -102,14 +118,72 @@ impl AsRef<[u8]> for Lent {
     }
 }
 
+/// A segment's bytes in a pooled buffer, with their share of the memory budget: both go back
+/// when this is dropped.
+pub struct Held {
+    data: Arc<Vec<u8>>,
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+    _memory: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        if let Ok(buf) = Arc::try_unwrap(data) {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_MAX && buf.capacity() > 0 {
+                pool.push(buf);
+            }
+        }
+    }
+}
+
+/// The bytes archive-ahead stored under a name, lent to the writer of that name (see the
+/// module documentation): how far the writes so far matched them.
+pub struct Expected {
+    held: Held,
+    matched: u64,
+}
+
+impl Expected {
+    /// A write of `data` at `offset`: true when it continues the stored bytes exactly (then
+    /// it needs no spooling).
+    pub fn take(&mut self, offset: u64, data: &[u8]) -> bool {
+        let stored = &self.held.data;
+        let end = offset.saturating_add(data.len() as u64);
+        let continues = offset == self.matched
+            && end <= stored.len() as u64
+            && stored[offset as usize..end as usize] == *data;
+        if continues {
+            self.matched = end;
+        }
+        continues
+    }
+
+    /// What the writes so far wrote (all of it matched): to spool once they stop matching.
+    pub fn written(&self) -> &[u8] {
+        &self.held.data[..self.matched as usize]
+    }
+
+    /// Whether a file of `len` bytes, written so far, is exactly the stored bytes.
+    pub fn complete(&self, len: u64) -> bool {
+        self.matched == len && len == self.held.data.len() as u64
+    }
+}
+
 impl Ahead {
     pub fn new(cache: Arc<Cache>, concurrency: usize) -> Arc<Ahead> {
+        Ahead::with_budget(cache, concurrency, MEMORY_BUDGET)
+    }
+
+    /// [`Ahead::new`] with another memory budget (bytes).
+    pub fn with_budget(cache: Arc<Cache>, concurrency: usize, budget: u64) -> Arc<Ahead> {
         Arc::new(Ahead {
             cache,
             permits: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
-            permits_total: concurrency.max(1),
             state: Mutex::new(State::default()),
-            buffers: Mutex::new(Vec::new()),
+            memory: Arc::new(tokio::sync::Semaphore::new((budget >> 20).max(1) as usize)),
+            buffers: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -221,25 +295,32 @@ impl Ahead {
         let Ok(_permit) = self.permits.clone().acquire_owned().await else {
             return Some(Job::Failed);
         };
-        {
-            // A close that came while this job waited took the ordinary path, and a scan that
-            // no longer sees it ready dropped it: nothing to do then.
-            let st = self.state();
-            let ours = st
-                .jobs
-                .get(name)
-                .is_some_and(|r| r.same_channel(&tx.subscribe()));
-            if !ours || st.done.contains(name) {
-                return Some(Job::Failed);
-            }
-            let _ = tx.send(Job::Running);
-        }
         // Only into an archive whose segment size is known (the first close records it).
         let size = match self.cache.archive().identity().await {
             Ok(Some(id)) if id.wal_segment_size <= MAX_SEGMENT => id.wal_segment_size,
             Ok(None) => return None,
             _ => return Some(Job::Failed),
         };
+        // Still queued while it waits for memory: a close meanwhile does not wait for it.
+        let mib = u32::try_from((size >> 20).max(1)).unwrap_or(u32::MAX);
+        let Ok(memory) = self.memory.clone().acquire_many_owned(mib).await else {
+            return Some(Job::Failed);
+        };
+        let ours = |st: &State| {
+            st.jobs
+                .get(name)
+                .is_some_and(|r| r.same_channel(&tx.subscribe()))
+                && !st.done.contains(name)
+        };
+        {
+            // A close that came while this job waited took the ordinary path, and a scan that
+            // no longer sees it ready dropped it: nothing to do then.
+            let st = self.state();
+            if !ours(&st) {
+                return Some(Job::Failed);
+            }
+            let _ = tx.send(Job::Running);
+        }
         match self.cache.size(name).await {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -258,7 +339,7 @@ impl Ahead {
             .unwrap_or_else(|p| p.into_inner())
             .pop()
             .unwrap_or_default();
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, [u8; 32])> {
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             use std::io::Read;
             use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
             let mut f = std::fs::OpenOptions::new()
@@ -285,12 +366,11 @@ impl Ahead {
             if now.ino() != m.ino() || now.dev() != m.dev() || !still_ready {
                 return Err(std::io::ErrorKind::InvalidData.into());
             }
-            let digest = Sha256::digest(&buf).into();
-            Ok((buf, digest))
+            Ok(buf)
         })
         .await;
-        let (data, digest) = match read {
-            Ok(Ok((d, h))) if d.len() as u64 == size => (d, h),
+        let data = match read {
+            Ok(Ok(d)) if d.len() as u64 == size => d,
             _ => return Some(Job::Failed),
         };
         let data = Arc::new(data);
@@ -299,22 +379,26 @@ impl Ahead {
             .archive()
             .push(name, Bytes::from_owner(Lent(data.clone())))
             .await;
-        if let Ok(buf) = Arc::try_unwrap(data) {
-            let mut pool = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < self.permits_total {
-                pool.push(buf);
-            }
-        }
-        Some(match pushed {
-            Ok(PushOutcome::AlreadyArchived) => {
-                // Someone stored it first (a close whose answer was lost): it is archived, so
-                // never hidden.
-                self.state().hidden.remove(name);
-                Job::Stored(digest)
-            }
+        let held = Held {
+            data,
+            pool: self.buffers.clone(),
+            _memory: memory,
+        };
+        match pushed {
             Ok(outcome) => {
+                let mut st = self.state();
+                if outcome == PushOutcome::AlreadyArchived {
+                    // Someone stored it first (a close whose answer was lost): it is archived,
+                    // so never hidden; the push compared it with these bytes.
+                    st.hidden.remove(name);
+                }
                 tracing::debug!(%name, ?outcome, "archive-ahead: stored before its cp");
-                Job::Stored(digest)
+                // Kept for its cp, unless that cp came and went meanwhile.
+                if ours(&st) {
+                    st.held
+                        .insert(name.clone(), (held, std::time::Instant::now()));
+                }
+                Some(Job::Stored)
             }
             Err(e) => {
                 tracing::debug!(%name, error = %e, "archive-ahead: not stored; the close archives it");
@@ -322,9 +406,38 @@ impl Ahead {
                     // A conflict or a refusal is final for this name: no retries.
                     remember(&mut self.state().done, name);
                 }
-                Job::Failed
+                Some(Job::Failed)
             }
-        })
+        }
+    }
+
+    /// The stored bytes of `name`, for its writer to compare its writes with (see
+    /// [`Expected`]); None unless a job stored them and still keeps them.
+    pub fn lend(&self, name: &ArchiveName) -> Option<Expected> {
+        let mut st = self.state();
+        let stored = st
+            .jobs
+            .get(name)
+            .is_some_and(|r| *r.borrow() == Job::Stored);
+        if !stored {
+            return None;
+        }
+        st.held
+            .remove(name)
+            .map(|(held, _)| Expected { held, matched: 0 })
+    }
+
+    /// The close of a writer whose writes were exactly the bytes a job stored (`expected`
+    /// complete at `len`): true when the store still holds that object at that size (deleted
+    /// meanwhile, it must be archived again).
+    pub async fn confirms_expected(
+        &self,
+        name: &ArchiveName,
+        expected: &Expected,
+        len: u64,
+    ) -> bool {
+        expected.complete(len)
+            && matches!(self.cache.archive().header(name).await, Ok(Some(h)) if h.plaintext_len == len)
     }
 
     /// The close of `cp` for `name`, whose first `len` bytes of `file` it wrote: true when
@@ -357,18 +470,38 @@ impl Ahead {
         let job = tokio::time::timeout(WAIT_MAX, wait)
             .await
             .unwrap_or(Job::Failed);
-        let Job::Stored(stored) = job else {
+        if job != Job::Stored {
+            return false;
+        }
+        let Some(expected) = self.lend(name) else {
+            // Let go (kept too long) or already lent: the ordinary path compares.
             return false;
         };
         let Ok(f) = file.try_clone() else {
             return false;
         };
-        let written = tokio::task::spawn_blocking(move || digest_of(&f, len)).await;
-        if !matches!(written, Ok(Ok(d)) if d == stored) {
-            return false;
-        }
-        // Still there, at that size (deleted meanwhile, it must be archived again).
-        matches!(self.cache.archive().header(name).await, Ok(Some(h)) if h.plaintext_len == len)
+        let (same, expected) =
+            match tokio::task::spawn_blocking(move || (same_bytes(&f, len, &expected), expected))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return false,
+            };
+        same && self
+            .confirms_expected(
+                name,
+                &Expected {
+                    matched: len,
+                    ..expected
+                },
+                len,
+            )
+            .await
+    }
+
+    /// Whether a job stored `name` and keeps its bytes for a writer to borrow.
+    pub fn keeps(&self, name: &ArchiveName) -> bool {
+        self.state().held.contains_key(name)
     }
 
     /// Whether lookups must not see `name` yet (stored ahead, not yet archived by its close).
@@ -381,6 +514,7 @@ impl Ahead {
         let mut st = self.state();
         st.jobs.remove(name);
         st.hidden.remove(name);
+        st.held.remove(name);
         remember(&mut st.done, name);
     }
 
@@ -395,8 +529,11 @@ impl Ahead {
             }
             st.hidden.remove(n);
             st.jobs.remove(n);
+            st.held.remove(n);
             false
         });
+        // Bytes no cp came for within HOLD_MAX: let go, so jobs for later segments can run.
+        st.held.retain(|_, (_, since)| since.elapsed() < HOLD_MAX);
     }
 }
 
@@ -425,17 +562,24 @@ fn ready_segments(status: &Path) -> std::io::Result<Vec<ArchiveName>> {
     Ok(names)
 }
 
-fn digest_of(file: &std::fs::File, len: u64) -> std::io::Result<[u8; 32]> {
-    let mut h = Sha256::new();
+/// Whether the first `len` bytes of `file` are exactly the stored bytes of `expected`.
+fn same_bytes(file: &std::fs::File, len: u64, expected: &Expected) -> bool {
+    let stored = &expected.held.data;
+    if len != stored.len() as u64 {
+        return false;
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < len {
         let n = (len - at).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], at)?;
-        h.update(&buf[..n]);
+        if file.read_exact_at(&mut buf[..n], at).is_err()
+            || buf[..n] != stored[at as usize..at as usize + n]
+        {
+            return false;
+        }
         at += n as u64;
     }
-    Ok(h.finalize().into())
+    true
 }
 
 #[cfg(test)]
@@ -738,6 +882,74 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!(stored(&r, SEG3).await, None);
         r.store.clear();
+    }
+
+    async fn kept(r: &Rig, name: &str) -> ArchiveName {
+        let n = ArchiveName::parse(name).unwrap();
+        for _ in 0..200 {
+            if r.ahead.keeps(&n) {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{name} was not stored and kept");
+    }
+
+    #[tokio::test]
+    async fn a_writer_borrows_the_stored_bytes_and_only_exactly_them_confirm() {
+        let r = rig().await;
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        let n2 = kept(&r, SEG2).await;
+        let seg2 = test_segment(SEG2, 7, 1 << 20);
+        let len = seg2.len() as u64;
+        let mut e = r.ahead.lend(&n2).expect("lent");
+        assert!(r.ahead.lend(&n2).is_none(), "lent once");
+        for (i, part) in seg2.chunks(128 << 10).enumerate() {
+            assert!(e.take((i * (128 << 10)) as u64, part));
+        }
+        assert!(r.ahead.confirms_expected(&n2, &e, len).await);
+        assert!(!r.ahead.confirms_expected(&n2, &e, len - 1).await);
+        // Deleted from the store meanwhile: not confirmed (the close archives it again).
+        r.archive.delete(&n2).await.unwrap();
+        assert!(!r.ahead.confirms_expected(&n2, &e, len).await);
+
+        let n3 = kept(&r, SEG3).await;
+        let seg3 = test_segment(SEG3, 7, 1 << 20);
+        let mut e = r.ahead.lend(&n3).expect("lent");
+        assert!(e.take(0, &seg3[..4096]));
+        // Out of order, past the end, or other bytes: not taken, and nothing more matches.
+        assert!(!e.take(8192, &seg3[8192..9000]));
+        assert!(!e.take(4096, &[1u8; 5]));
+        let mut longer = seg3[4096..].to_vec();
+        longer.push(0);
+        assert!(!e.take(4096, &longer));
+        assert_eq!(e.written(), &seg3[..4096], "what matched, to spool");
+        assert!(!e.complete(seg3.len() as u64));
+        assert!(!r.ahead.confirms_expected(&n3, &e, 4096).await);
+    }
+
+    #[tokio::test]
+    async fn jobs_run_ahead_only_as_far_as_the_memory_budget() {
+        let mut r = rig().await;
+        // Two segments' worth: SEG2 and SEG3 are kept, SEG4 waits for a borrower to finish.
+        const SEG4: &str = "000000010000000000000004";
+        let status = r.data.path().join("pg_wal/archive_status");
+        std::fs::write(
+            r.data.path().join("pg_wal").join(SEG4),
+            test_segment(SEG4, 7, 1 << 20),
+        )
+        .unwrap();
+        std::fs::write(status.join(format!("{SEG4}.ready")), b"").unwrap();
+        r.ahead = Ahead::with_budget(r.ahead.cache.clone(), 2, 2 << 20);
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        let n2 = kept(&r, SEG2).await;
+        kept(&r, SEG3).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(stored(&r, SEG4).await, None, "past the budget");
+        // A borrower done with SEG2's bytes frees their share: SEG4 goes.
+        drop(r.ahead.lend(&n2).expect("lent"));
+        kept(&r, SEG4).await;
+        assert!(stored(&r, SEG4).await.is_some());
     }
 
     #[tokio::test]

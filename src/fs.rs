@@ -151,11 +151,35 @@ struct Writer {
     archived: u64,
     /// An archive of this file is under way: writes wait for its outcome.
     sealing: bool,
+    /// Archive-ahead stored this name: while the writes continue its bytes, they are compared,
+    /// not spooled (`file` holds nothing yet; `len` bytes matched).
+    expect: Option<crate::ahead::Expected>,
 }
 
 impl Writer {
     fn dirty(&self) -> bool {
         self.version != self.archived
+    }
+
+    /// A write at `offset`: compared with archive-ahead's bytes while it continues them,
+    /// else spooled (after what matched so far).
+    fn write_at(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if let Some(e) = self.expect.as_mut() {
+            if e.take(offset, data) {
+                return Ok(());
+            }
+        }
+        self.spool_expected()?;
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Spools what matched archive-ahead's bytes and stops comparing: anything but a write
+    /// that continues them needs the spool to hold every byte written.
+    fn spool_expected(&mut self) -> std::io::Result<()> {
+        if let Some(e) = self.expect.take() {
+            self.file.write_all_at(e.written(), 0)?;
+        }
+        Ok(())
     }
 }
 
@@ -501,6 +525,7 @@ impl Fs {
                 if w.sealing {
                     return Err(FsError::Busy);
                 }
+                w.spool_expected().map_err(|e| FsError::local(&e))?;
                 w.file.set_len(size).map_err(|e| FsError::local(&e))?;
                 w.len = size;
                 w.version += 1;
@@ -556,6 +581,7 @@ impl Fs {
                 version: 0,
                 archived: 0,
                 sealing: false,
+                expect: self.ahead.as_ref().and_then(|a| a.lend(name)),
             }),
             archiving: tokio::sync::Mutex::new(()),
         }))
@@ -687,7 +713,8 @@ impl Fs {
         match open.as_ref() {
             Open::Read { file, .. } => file.read_at(offset, size),
             Open::Write { writer, .. } => {
-                let w = writer.lock();
+                let mut w = writer.lock();
+                w.spool_expected()?;
                 let end = w.len.min(offset.saturating_add(u64::from(size)));
                 let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
                 w.file.read_exact_at(&mut buf, offset).map(|()| buf)
@@ -748,9 +775,7 @@ impl Fs {
             // Written while its archive is under way (another descriptor's close).
             return Err(FsError::Busy);
         }
-        w.file
-            .write_all_at(data, offset)
-            .map_err(|e| FsError::local(&e))?;
+        w.write_at(data, offset).map_err(|e| FsError::local(&e))?;
         w.len = w.len.max(end);
         w.version += 1;
         Ok(data.len() as u32)
@@ -792,19 +817,37 @@ impl Fs {
             tracing::warn!(%name, "an empty file is not archived: refused");
             return Err(FsError::Invalid);
         }
-        let (file, len, version) = {
+        let (file, len, version, expected) = {
             let mut w = writer.lock();
             let file = w.file.try_clone().map_err(|e| FsError::local(&e))?;
             w.sealing = true;
-            (file, w.len, w.version)
+            (file, w.len, w.version, w.expect.take())
         };
-        let r = match &self.ahead {
-            // Stored ahead, and these are exactly its bytes: durable already.
-            Some(a) if a.confirms(name, &file, len).await => {
+        let r = match (&self.ahead, expected) {
+            // Every write continued the bytes archive-ahead stored: durable already.
+            (Some(a), Some(e)) if a.confirms_expected(name, &e, len).await => {
                 tracing::info!(%name, "stored ahead; the bytes cp wrote are those stored");
                 Ok(PushOutcome::AlreadyArchived)
             }
-            _ => self.cache.push_file(name, file, len).await,
+            (ahead, expected) => {
+                // What matched is spooled first: the ordinary path archives every byte written.
+                let spooled = match expected {
+                    Some(e) => file.write_all_at(e.written(), 0),
+                    None => Ok(()),
+                };
+                match (spooled, ahead) {
+                    (Err(e), _) => Err(crate::store::Error::Output {
+                        name: name.to_string(),
+                        why: format!("spooling: {e}"),
+                    }),
+                    // Stored ahead, and these are exactly its bytes: durable already.
+                    (Ok(()), Some(a)) if a.confirms(name, &file, len).await => {
+                        tracing::info!(%name, "stored ahead; the bytes cp wrote are those stored");
+                        Ok(PushOutcome::AlreadyArchived)
+                    }
+                    (Ok(()), _) => self.cache.push_file(name, file, len).await,
+                }
+            }
         };
         let mut w = writer.lock();
         w.sealing = false;
@@ -831,11 +874,11 @@ impl Fs {
         let Open::Write { writer, .. } = open.as_ref() else {
             return Ok(());
         };
-        let file = writer
-            .lock()
-            .file
-            .try_clone()
-            .map_err(|e| FsError::local(&e))?;
+        let file = {
+            let mut w = writer.lock();
+            w.spool_expected().map_err(|e| FsError::local(&e))?;
+            w.file.try_clone().map_err(|e| FsError::local(&e))?
+        };
         tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .map_err(|_| FsError::Io)?
@@ -1177,6 +1220,71 @@ mod tests {
             self.fs.release(fh);
             r
         }
+    }
+
+    /// Writes through a mount with archive-ahead: the bytes a job stored are compared, not
+    /// spooled, and a write that stops matching them spools every byte written before it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writes_of_stored_bytes_are_compared_and_a_difference_spools_all_written() {
+        const SEG3: &str = "000000010000000000000003";
+        const SEG4: &str = "000000010000000000000004";
+        const SEG5: &str = "000000010000000000000005";
+        let mut r = Rig::new(Role::Other, true, false).await;
+        let ahead = crate::ahead::Ahead::new(r.fs.cache.clone(), 2);
+        r.fs = r.fs.with_ahead(ahead.clone());
+        let data = tempfile::tempdir().unwrap();
+        let status = data.path().join("pg_wal/archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        let seg = |s: &str| test_segment(s, 7, 1 << 20);
+        for s in [SEG2, SEG3, SEG4, SEG5] {
+            std::fs::write(data.path().join("pg_wal").join(s), seg(s)).unwrap();
+            std::fs::write(status.join(format!("{s}.ready")), b"").unwrap();
+        }
+        // SAFETY: geteuid has no preconditions.
+        ahead.watch_dir(data.path().to_path_buf(), unsafe { libc::geteuid() });
+        for s in [SEG2, SEG3, SEG4, SEG5] {
+            let n = ArchiveName::parse(s).unwrap();
+            for _ in 0..300 {
+                if ahead.keeps(&n) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(ahead.keeps(&n), "{s} stored ahead");
+        }
+        let stored = |s: &'static str| {
+            let a = r.fs.cache.archive().clone();
+            async move { a.fetch(&ArchiveName::parse(s).unwrap()).await.unwrap() }
+        };
+        // Exactly the stored bytes: confirmed, nothing uploaded again.
+        let puts = r.store.calls(Op::Put);
+        r.cp_in(SEG2, &seg(SEG2)).await.unwrap();
+        assert_eq!(r.store.calls(Op::Put), puts, "no second upload");
+        // Other bytes from offset 300000 on, with the stored object gone meanwhile: the close
+        // archives what was written, all of it (the matched part came from the spool too).
+        let mut other = seg(SEG3).to_vec();
+        other[300_000..].fill(0x5a);
+        r.fs.cache
+            .archive()
+            .delete(&ArchiveName::parse(SEG3).unwrap())
+            .await
+            .unwrap();
+        r.cp_in(SEG3, &other).await.unwrap();
+        assert_eq!(stored(SEG3).await.as_deref(), Some(&other[..]));
+        // Other bytes under a stored name: refused, the stored copy kept.
+        let mut other = seg(SEG4).to_vec();
+        other[700_000] ^= 1;
+        assert!(r.cp_in(SEG4, &other).await.is_err());
+        assert_eq!(stored(SEG4).await.as_deref(), Some(&seg(SEG4)[..]));
+        // Exactly the stored bytes, but the object is gone by the close: archived again, from
+        // a spool that holds every byte.
+        r.fs.cache
+            .archive()
+            .delete(&ArchiveName::parse(SEG5).unwrap())
+            .await
+            .unwrap();
+        r.cp_in(SEG5, &seg(SEG5)).await.unwrap();
+        assert_eq!(stored(SEG5).await.as_deref(), Some(&seg(SEG5)[..]));
     }
 
     #[tokio::test(flavor = "multi_thread")]
