@@ -414,6 +414,11 @@ fn password_md5_scram_and_tls_connections() {
     // A wrong password is a clear, final error.
     let (ok, log) = try_receive(&dir.join("b"), &base("rep", ""), &pw("wrong"));
     assert!(!ok && log.contains("authentication"), "{log}");
+    // ... naming where the password comes from.
+    assert!(
+        log.contains("PGPASSWORD") && log.contains("pgpass"),
+        "{log}"
+    );
     // TLS refused on the client side: the server's hostssl-only rule rejects it.
     let (ok, log) = try_receive(
         &dir.join("c"),

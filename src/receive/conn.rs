@@ -23,7 +23,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub enum ConnError {
     #[error("connection parameters: {0}")]
     Params(String),
-    #[error("connecting to {target}: {source}")]
+    #[error(
+        "connecting to {target}: {source} (the server is -d/--dbname's host= and port=, else \
+         PGHOST and PGPORT, else /var/run/postgresql and 5432)"
+    )]
     Connect {
         target: String,
         source: std::io::Error,
@@ -212,9 +215,12 @@ impl ConnParams {
         let port = match cfg.get_ports().first() {
             Some(p) => *p,
             None => match env("PGPORT") {
-                Some(p) => p
-                    .parse()
-                    .map_err(|_| ConnError::Params(format!("PGPORT={p:?}")))?,
+                Some(p) => p.parse().map_err(|_| {
+                    ConnError::Params(format!(
+                        "PGPORT={p:?} is not a port number: fix or unset PGPORT, or give \
+                             port= in -d/--dbname"
+                    ))
+                })?,
                 None => 5432,
             },
         };
@@ -298,7 +304,13 @@ async fn negotiate_tls(
             let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
                 .connect(name, tcp)
                 .await
-                .map_err(|e| ConnError::Tls(format!("handshake with {host}: {e}")))?;
+                .map_err(|e| {
+                    ConnError::Tls(format!(
+                        "handshake with {host}: {e} (the server's certificate is checked \
+                         against sslrootcert= in -d/--dbname or PGSSLROOTCERT, and its name \
+                         against host= from sslmode=verify-full)"
+                    ))
+                })?;
             let cert = tls
                 .get_ref()
                 .1
@@ -309,8 +321,9 @@ async fn negotiate_tls(
         }
         b'N' if p.tls.mode == SslMode::Prefer => Ok((Box::new(tcp), None)),
         b'N' => Err(ConnError::Tls(format!(
-            "the server does not accept TLS (sslmode {:?})",
-            p.tls.mode
+            "the server does not accept TLS, and sslmode {} requires it: set ssl = on in the \
+             server's postgresql.conf, or sslmode=prefer in -d/--dbname or PGSSLMODE",
+            format!("{:?}", p.tls.mode).to_lowercase()
         ))),
         other => Err(ConnError::Protocol(format!(
             "unexpected answer {other:?} to SSLRequest"
@@ -385,16 +398,47 @@ fn server_error_text(body: &backend::NoticeResponseBody) -> String {
 
 fn server_error(body: &backend::ErrorResponseBody) -> ConnError {
     let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    let (mut detail, mut hint) = (String::new(), String::new());
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
+        let text = || String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
-            b'S' => severity = String::from_utf8_lossy(f.value_bytes()).into_owned(),
-            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
-            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'S' => severity = text(),
+            b'C' => code = text(),
+            b'M' => message = text(),
+            b'D' => detail = text(),
+            b'H' => hint = text(),
             _ => {}
         }
     }
-    ConnError::Server(format!("{severity} {code}: {message}"))
+    let mut line = format!("{severity} {code}: {message}");
+    for extra in [detail, hint].iter().filter(|t| !t.is_empty()) {
+        line.push_str(&format!(" ({extra})"));
+    }
+    if let Some(fix) = server_error_fix(&code, &message) {
+        line.push_str(&format!(": {fix}"));
+    }
+    ConnError::Server(line)
+}
+
+/// What the operator changes for the server errors a newcomer meets first.
+fn server_error_fix(code: &str, message: &str) -> Option<&'static str> {
+    match code {
+        "28P01" => Some(
+            "fix password= in -d/--dbname, PGPASSWORD, or the line for this user in ~/.pgpass \
+             (PGPASSFILE)",
+        ),
+        "28000" => Some(
+            "the server's pg_hba.conf needs a line for this user (for receive and backup, with \
+             the database `replication`), and the role LOGIN and REPLICATION",
+        ),
+        "3D000" => Some("fix dbname= in -d/--dbname or PGDATABASE"),
+        "42704" if message.contains("replication slot") => {
+            Some("create it with --create-slot, or name another with --slot")
+        }
+        "53300" => Some("the server's max_wal_senders or max_connections is used up"),
+        _ => None,
+    }
 }
 
 impl ReplicationConn {
@@ -891,5 +935,24 @@ fn data_row(row: &backend::DataRowBody) -> Result<Vec<Option<String>>, ConnError
             Some(None) => out.push(None),
             Some(Some(r)) => out.push(Some(String::from_utf8_lossy(&buf[r]).into_owned())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_error_fix;
+
+    #[test]
+    fn the_first_server_errors_name_their_fix() {
+        assert!(server_error_fix("28P01", "password authentication failed")
+            .is_some_and(|f| f.contains("PGPASSWORD")));
+        assert!(server_error_fix("28000", "no pg_hba.conf entry")
+            .is_some_and(|f| f.contains("pg_hba.conf")));
+        assert!(
+            server_error_fix("42704", "replication slot \"walfs\" does not exist")
+                .is_some_and(|f| f.contains("--create-slot"))
+        );
+        assert_eq!(server_error_fix("42704", "type \"x\" does not exist"), None);
+        assert_eq!(server_error_fix("57P01", "terminating connection"), None);
     }
 }

@@ -832,9 +832,14 @@ impl Archive {
         let n = obj.sealed_as.clone();
         let plain = plain.clone();
         let scratch = self.scratch.clone();
+        let scratch_dir = self.scratch.clone().unwrap_or_else(std::env::temp_dir);
         let local = |e: std::io::Error| Error::Output {
             name: obj.sealed_as.clone(),
-            why: format!("sealing into a scratch file: {e}"),
+            why: format!(
+                "sealing into a scratch file in {} (the mount's: under --cache-dir; else \
+                 TMPDIR): {e}",
+                scratch_dir.display()
+            ),
         };
         let sealed = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, u64)> {
             let file = match &scratch {
