@@ -163,7 +163,9 @@ impl Drop for WalfsMount {
 }
 
 /// A TCP proxy on 127.0.0.1 in front of a local server: it can refuse and cut every
-/// connection (`set_down`), delay each chunk a client sends (`set_latency`) or hold what
+/// connection (`set_down`), delay each request a client sends (`set_latency`: the first chunk
+/// after the client was quiet for a moment, as an HTTP client is while it waits for the answer
+/// to its previous request; an upload's later chunks are not delayed again) or hold what
 /// clients send to a rate (`set_upload_rate`: a slow uplink).
 pub struct FaultProxy {
     port: u16,
@@ -182,6 +184,9 @@ fn pump(
     down: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    // When the previous chunk was passed on: a chunk after a pause starts a new request.
+    let mut last: Option<std::time::Instant> = None;
+    const PAUSE: Duration = Duration::from_millis(3);
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -189,7 +194,7 @@ fn pump(
         };
         if let Some((latency, rate)) = &delay {
             let ms = latency.load(Ordering::Relaxed);
-            if ms > 0 {
+            if ms > 0 && last.is_none_or(|t| t.elapsed() > PAUSE) {
                 std::thread::sleep(Duration::from_millis(ms));
             }
             let rate = rate.load(Ordering::Relaxed);
@@ -200,6 +205,7 @@ fn pump(
         if down.load(Ordering::Relaxed) || to.write_all(&buf[..n]).is_err() {
             break;
         }
+        last = Some(std::time::Instant::now());
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);

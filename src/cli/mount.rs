@@ -251,9 +251,15 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         Arc::new(crate::caller::Proc::default()),
     );
     if args.archive_ahead && !args.read_only {
-        // One job per core, at most 4: memory is one segment per job.
+        // A local archive: one job per core (sealing is the work). A remote store: jobs mostly
+        // wait on requests, so more run at once. Memory is bounded either way (MEMORY_BUDGET).
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-        fs = fs.with_ahead(crate::ahead::Ahead::new(cache.clone(), cores));
+        let jobs = if archive.url().starts_with("file:") {
+            cores
+        } else {
+            cores.max(6)
+        };
+        fs = fs.with_ahead(crate::ahead::Ahead::new(cache.clone(), jobs));
     }
     if args.metrics_addr.is_some() {
         tokio::spawn(watch_backups(archive.clone()));

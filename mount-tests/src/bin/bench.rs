@@ -59,6 +59,8 @@ struct Opts {
     quick: bool,
     /// Only these sections (empty: all).
     only: Vec<u8>,
+    /// Only rows whose label contains this (empty: all).
+    rows: String,
 }
 
 fn usage() -> ! {
@@ -68,6 +70,7 @@ fn usage() -> ! {
          \n  --runs R       runs per measurement, median shown (default 3; --quick: 1)\
          \n  --quick        smoke run: 16 segments, 1 run, no 50 ms latency rows\
          \n  --only LIST    only these sections, e.g. --only 3 (archive) or --only 1,2\
+         \n  --rows TEXT    only the rows whose label contains TEXT (a row starting with … goes with the one before)\
          \n\nWALFS_BIN=path uses that walfs binary instead of building it (cargo build --release)."
     );
     std::process::exit(2)
@@ -78,6 +81,7 @@ fn parse_args() -> Opts {
     let mut runs = None;
     let mut quick = false;
     let mut only = Vec::new();
+    let mut rows = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> usize {
@@ -101,6 +105,7 @@ fn parse_args() -> Opts {
                     .map(|x| x.trim().parse().unwrap_or_else(|_| usage()))
                     .collect();
             }
+            "--rows" => rows = args.next().unwrap_or_else(|| usage()),
             "-h" | "--help" => usage(),
             other => {
                 if let Some(v) = other.strip_prefix("--segments=") {
@@ -119,6 +124,7 @@ fn parse_args() -> Opts {
         runs: runs.unwrap_or(if quick { 1 } else { 3 }),
         quick,
         only,
+        rows,
     };
     if opts.segments < 4 || opts.segments > 4096 || opts.runs == 0 || opts.runs > 50 {
         eprintln!("--segments must be 4..=4096 and --runs 1..=50");
@@ -839,21 +845,35 @@ fn mark_done(data: &Path, s: &str) {
 
 /// `cp` into the mount as PostgreSQL's archiver runs it: from its data directory, one segment
 /// after another, every one marked ready beforehand (archive-ahead's case).
-fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool) -> Sample {
+/// `latency`: into a fresh prefix of the S3 bucket behind the proxy that delays every request
+/// by it; else into a fresh local archive.
+fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool, latency: Option<Duration>) -> Sample {
     let label = "cp into the mount from a data directory";
-    let dir = ctx.run_dir("archive-mount-ready", run);
+    let tag = match latency {
+        Some(l) => format!("archive-ready-s3-{}ms-{ahead}", l.as_millis()),
+        None => format!("archive-ready-{ahead}"),
+    };
+    let dir = ctx.run_dir(&tag, run);
     let archive = dir.join("archive");
     let data = ready_data_dir(ctx, &dir);
+    let url = match latency {
+        Some(_) => format!("s3://{BUCKET}/{tag}-{run}"),
+        None => format!("file://{}", archive.display()),
+    };
     let spec = MountSpec {
         args: vec![
             "--archive".into(),
-            format!("file://{}", archive.display()),
+            url.clone(),
             "--key-file".into(),
             ctx.key.display().to_string(),
         ],
         mount_args: vec![format!("--archive-ahead={ahead}")],
-        env: vec![],
-        latency: None,
+        env: if latency.is_some() {
+            ctx.proxy_env.clone()
+        } else {
+            vec![]
+        },
+        latency,
     };
     let m = spec.start(ctx, &dir);
     // As PostgreSQL's archiver: the postgres user (set in the child, as PostgreSQL's own
@@ -877,8 +897,19 @@ fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool) -> Sample {
         ..Default::default()
     };
     finish_mount(ctx, m, label, run, &mut sample);
-    let stored = count_files(&archive.join("wal"));
-    assert_eq!(stored, ctx.wal.segments.len(), "{label}: {stored} objects");
+    let listed = sh_ok(
+        ctx.walfs()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .args(["--archive", &url, "--key-file"])
+            .arg(&ctx.key)
+            .arg("ls"),
+    );
+    let stored = stdout_str(&listed).lines().count();
+    assert_eq!(
+        stored,
+        ctx.wal.segments.len(),
+        "{label}: {stored} objects in {url}"
+    );
     remove(&dir);
     sample
 }
@@ -1566,12 +1597,12 @@ fn main() {
         3,
         "`cp` into the mount from a data directory, all ready, archive-ahead, key",
         Kind::Loop,
-        move |r| archive_mount_ready(c, r, true),
+        move |r| archive_mount_ready(c, r, true, None),
     );
     m.mount = true;
     rows.push(m);
     let mut m = row(3, "… archive-ahead off", Kind::Loop, move |r| {
-        archive_mount_ready(c, r, false)
+        archive_mount_ready(c, r, false, None)
     });
     m.mount = true;
     rows.push(m);
@@ -1586,6 +1617,18 @@ fn main() {
     let latencies: &[u64] = if opts.quick { &[20] } else { &[20, 50] };
     for &ms in latencies {
         let lat = Some(Duration::from_millis(ms));
+        for ahead in [true, false] {
+            let label = if ahead {
+                format!("archive: `cp` into the mount from a data directory, all ready, S3 + {ms} ms, key, archive-ahead")
+            } else {
+                "… archive-ahead off".to_string()
+            };
+            let mut m = row(4, &label, Kind::Loop, move |r| {
+                archive_mount_ready(c, r, ahead, lat)
+            });
+            m.mount = true;
+            rows.push(m);
+        }
         rows.push(mount_row(
             c,
             4,
@@ -1622,6 +1665,16 @@ fn main() {
 
     if !opts.only.is_empty() {
         rows.retain(|r| opts.only.contains(&r.section));
+    }
+    if !opts.rows.is_empty() {
+        // A "…" row continues the label of the one before it.
+        let mut last = String::new();
+        rows.retain(|r| {
+            if !r.label.starts_with('…') {
+                last = r.label.clone();
+            }
+            last.contains(&opts.rows) || r.label.contains(&opts.rows)
+        });
     }
 
     // --- run, interleaved ---
