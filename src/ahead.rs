@@ -436,8 +436,13 @@ impl Ahead {
         expected: &Expected,
         len: u64,
     ) -> bool {
-        expected.complete(len)
-            && matches!(self.cache.archive().header(name).await, Ok(Some(h)) if h.plaintext_len == len)
+        expected.complete(len) && self.still_stored(name, len).await
+    }
+
+    /// Whether the store still holds `name` at `len` bytes (for a close whose writes were
+    /// exactly the bytes a job stored: deleted meanwhile, it must be archived again).
+    pub async fn still_stored(&self, name: &ArchiveName, len: u64) -> bool {
+        matches!(self.cache.archive().header(name).await, Ok(Some(h)) if h.plaintext_len == len)
     }
 
     /// The close of `cp` for `name`, whose first `len` bytes of `file` it wrote: true when

@@ -176,10 +176,17 @@ impl Writer {
     /// Spools what matched archive-ahead's bytes and stops comparing: anything but a write
     /// that continues them needs the spool to hold every byte written.
     fn spool_expected(&mut self) -> std::io::Result<()> {
-        if let Some(e) = self.expect.take() {
+        if let Some(e) = &self.expect {
+            // Kept until they are on the spool: a failed write loses nothing.
             self.file.write_all_at(e.written(), 0)?;
         }
+        self.expect = None;
         Ok(())
+    }
+
+    /// Whether every byte written is exactly what archive-ahead stored.
+    fn wrote_stored_bytes(&self) -> bool {
+        self.expect.as_ref().is_some_and(|e| e.complete(self.len))
     }
 }
 
@@ -581,10 +588,18 @@ impl Fs {
                 version: 0,
                 archived: 0,
                 sealing: false,
-                expect: self.ahead.as_ref().and_then(|a| a.lend(name)),
+                expect: None,
             }),
             archiving: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// The writer of `name`, once it is the one: archive-ahead's stored bytes to compare its
+    /// writes with, if a job stored them.
+    fn lend_to(&self, name: &ArchiveName, writer: &WriteFile) {
+        if let Some(a) = &self.ahead {
+            writer.lock().expect = a.lend(name);
+        }
     }
 
     /// A new file (`cp`'s `open(O_CREAT)`): returns its attributes and a write handle.
@@ -608,6 +623,7 @@ impl Fs {
             n.writer = Some(writer.clone());
             n.stale_pages = true;
         }
+        self.lend_to(&archive_name, &writer);
         let fh = st.add_handle(Open::Write {
             name: archive_name,
             writer,
@@ -653,6 +669,7 @@ impl Fs {
                 Some(_) => return Err(FsError::Busy),
                 None => return Err(FsError::NotFound),
             }
+            self.lend_to(&name, &writer);
             let fh = st.add_handle(Open::Write { name, writer });
             return Ok(Opened {
                 fh,
@@ -817,36 +834,34 @@ impl Fs {
             tracing::warn!(%name, "an empty file is not archived: refused");
             return Err(FsError::Invalid);
         }
-        let (file, len, version, expected) = {
+        let (file, len, version, stored_bytes) = {
             let mut w = writer.lock();
             let file = w.file.try_clone().map_err(|e| FsError::local(&e))?;
-            w.sealing = true;
-            (file, w.len, w.version, w.expect.take())
-        };
-        let r = match (&self.ahead, expected) {
-            // Every write continued the bytes archive-ahead stored: durable already.
-            (Some(a), Some(e)) if a.confirms_expected(name, &e, len).await => {
-                tracing::info!(%name, "stored ahead; the bytes cp wrote are those stored");
-                Ok(PushOutcome::AlreadyArchived)
+            // Written exactly as archive-ahead stored it: the bytes stay lent (the spool is
+            // empty) while the store is asked; anything else is spooled whole first.
+            let stored_bytes = w.wrote_stored_bytes();
+            if !stored_bytes {
+                w.spool_expected().map_err(|e| FsError::local(&e))?;
             }
-            (ahead, expected) => {
-                // What matched is spooled first: the ordinary path archives every byte written.
-                let spooled = match expected {
-                    Some(e) => file.write_all_at(e.written(), 0),
-                    None => Ok(()),
-                };
-                match (spooled, ahead) {
-                    (Err(e), _) => Err(crate::store::Error::Output {
-                        name: name.to_string(),
-                        why: format!("spooling: {e}"),
-                    }),
-                    // Stored ahead, and these are exactly its bytes: durable already.
-                    (Ok(()), Some(a)) if a.confirms(name, &file, len).await => {
-                        tracing::info!(%name, "stored ahead; the bytes cp wrote are those stored");
-                        Ok(PushOutcome::AlreadyArchived)
-                    }
-                    (Ok(()), _) => self.cache.push_file(name, file, len).await,
-                }
+            w.sealing = true;
+            (file, w.len, w.version, stored_bytes)
+        };
+        let confirmed = match &self.ahead {
+            Some(a) if stored_bytes => a.still_stored(name, len).await,
+            Some(a) => a.confirms(name, &file, len).await,
+            None => false,
+        };
+        let r = if confirmed {
+            tracing::info!(%name, "stored ahead; the bytes cp wrote are those stored");
+            Ok(PushOutcome::AlreadyArchived)
+        } else {
+            let spooled = writer.lock().spool_expected();
+            match spooled {
+                Ok(()) => self.cache.push_file(name, file, len).await,
+                Err(e) => Err(crate::store::Error::Output {
+                    name: name.to_string(),
+                    why: format!("spooling: {e}"),
+                }),
             }
         };
         let mut w = writer.lock();
@@ -1256,10 +1271,18 @@ mod tests {
             let a = r.fs.cache.archive().clone();
             async move { a.fetch(&ArchiveName::parse(s).unwrap()).await.unwrap() }
         };
-        // Exactly the stored bytes: confirmed, nothing uploaded again.
+        // Exactly the stored bytes: confirmed, nothing uploaded again; the descriptor still
+        // reads back what it wrote (from the lent bytes, spooled on demand).
         let puts = r.store.calls(Op::Put);
-        r.cp_in(SEG2, &seg(SEG2)).await.unwrap();
+        let (_, fh) = r.fs.create(ROOT, OsStr::new(SEG2)).unwrap();
+        for (i, part) in seg(SEG2).chunks(1000).enumerate() {
+            r.fs.write(fh, (i * 1000) as u64, part).unwrap();
+        }
+        r.fs.flush(fh, PID).await.unwrap();
         assert_eq!(r.store.calls(Op::Put), puts, "no second upload");
+        let back = r.fs.read_now(fh, 0, 1 << 20).unwrap();
+        r.fs.release(fh);
+        assert!(back == seg(SEG2)[..], "read back after the close");
         // Other bytes from offset 300000 on, with the stored object gone meanwhile: the close
         // archives what was written, all of it (the matched part came from the spool too).
         let mut other = seg(SEG3).to_vec();

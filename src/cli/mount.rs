@@ -254,11 +254,8 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         // A local archive: one job per core (sealing is the work). A remote store: jobs mostly
         // wait on requests, so more run at once. Memory is bounded either way (MEMORY_BUDGET).
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-        let jobs = if archive.url().starts_with("file:") {
-            cores
-        } else {
-            cores.max(6)
-        };
+        let local = crate::store::canonical_url(archive.url()).starts_with("file:");
+        let jobs = if local { cores } else { 6 };
         fs = fs.with_ahead(crate::ahead::Ahead::new(cache.clone(), jobs));
     }
     if args.metrics_addr.is_some() {
