@@ -1121,3 +1121,20 @@ fn keys_rotate_and_a_key_file_others_can_read_is_refused() {
     assert_eq!(keys.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 3);
     assert_eq!(report["formats"]["2"], 3);
 }
+
+/// A log filter that does not parse is said, not silently replaced by the default.
+#[test]
+fn a_bad_walfs_log_filter_is_named() {
+    let scratch = scratch_dir("bad-log-filter");
+    let out = run(Command::new(walfs_bin())
+        .env("WALFS_CONFIG", "/dev/null")
+        .env("WALFS_LOG", "walfs=loud")
+        .arg("--archive")
+        .arg(format!("file://{}", scratch.path().join("none").display()))
+        .arg("ls"));
+    assert!(
+        stderr_str(&out).contains("WALFS_LOG=\"walfs=loud\" is not a log filter"),
+        "{}",
+        stderr_str(&out)
+    );
+}

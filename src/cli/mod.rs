@@ -368,8 +368,17 @@ fn init_logging(verbose: u8, daemon: bool, format: LogFormat) {
         (0, true) | (1, _) => "info,fuser=error",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A WALFS_LOG that does not parse is said, once logging works, not silently replaced.
+    let mut bad_filter = None;
+    let filter = match std::env::var("WALFS_LOG") {
+        Ok(v) if !v.trim().is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&v).unwrap_or_else(|e| {
+                bad_filter = Some((v, e.to_string()));
+                tracing_subscriber::EnvFilter::new(default)
+            })
+        }
+        _ => tracing_subscriber::EnvFilter::new(default),
+    };
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -381,6 +390,12 @@ fn init_logging(verbose: u8, daemon: bool, format: LogFormat) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init(),
     };
+    if let Some((v, e)) = bad_filter {
+        tracing::warn!(
+            "WALFS_LOG={v:?} is not a log filter ({e}); logging as by default ({default}). \
+             Fix or unset WALFS_LOG: e.g. WALFS_LOG=info, or WALFS_LOG=info,walfs::ahead=debug"
+        );
+    }
 }
 
 /// clap's message for a bad value names the flag even when the value came from its

@@ -276,6 +276,13 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         usage(format!("mounting {}: {e}{hint}", mountpoint.display()))
     })?;
     tracing::warn!(archive = archive.url(), mountpoint = %mountpoint.display(), "mounted");
+    if !args.allow_other {
+        tracing::warn!(
+            "mounted without --allow-other: the kernel lets only uid {euid} open files in it; \
+             PostgreSQL's archive_command and restore_command run as PostgreSQL's user \
+             (usually postgres), so add --allow-other unless PostgreSQL runs as uid {euid}"
+        );
+    }
     // systemd (Type=notify): PostgreSQL units ordered after this one start only now.
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,

@@ -132,7 +132,7 @@ pub enum Error {
     /// There is no walfs archive at the URL at all.
     #[error(
         "no walfs archive at {0} (no {IDENTITY_OBJECT}): a wrong archive URL, a missing \
-         bucket, container or prefix, or nothing archived there yet?"
+         bucket, container or prefix, or nothing archived there yet"
     )]
     NoArchive(String),
     /// The archive's identity was read before and is gone now: a wiped or replaced prefix, or
