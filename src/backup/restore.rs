@@ -91,12 +91,18 @@ async fn choose(archive: &Archive, opts: &RestoreOptions) -> Result<BackupRecord
     candidates.sort_by_key(|r| (r.end_timeline, r.end_lsn));
     candidates.pop().ok_or_else(|| {
         refused(format!(
-            "no complete backup with its WAL in {}{}",
+            "no complete backup with its WAL in {}{}: `walfs backup list` shows what there is; \
+             take one with `walfs backup`{}",
             archive.url(),
             match &opts.target {
-                Some(Target::Lsn(l)) => format!(" ends before {l}"),
-                Some(Target::Time(t)) => format!(" finished before {t}"),
+                Some(Target::Lsn(l)) => format!(" that ends before {l}"),
+                Some(Target::Time(t)) => format!(" that finished before {t}"),
                 _ => String::new(),
+            },
+            match &opts.target {
+                Some(Target::Lsn(_)) => ", or give a later --target-lsn",
+                Some(Target::Time(_)) => ", or give a later --target-time",
+                _ => "",
             }
         ))
     })
@@ -113,7 +119,7 @@ fn parse_time(s: &str) -> Result<std::time::SystemTime, BackupError> {
         .unwrap_or(t);
     humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).map_err(|e| {
         refused(format!(
-            "time {s:?}: {e} (give UTC, as 2026-11-29 10:00:00)"
+            "--target-time {s:?}: {e} (give UTC, as 2026-11-29 10:00:00)"
         ))
     })
 }

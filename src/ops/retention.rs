@@ -28,7 +28,8 @@ pub enum RetentionError {
     #[error("the archive holds no segments; nothing to delete")]
     NoSegments,
     #[error(
-        "that would delete every segment (the newest is {newest}); refusing to empty the archive"
+        "that would delete every segment (the newest is {newest}); refusing to empty the \
+         archive: give an earlier --before or a longer --older-than"
     )]
     WouldEmpty { newest: String },
 }
