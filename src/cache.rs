@@ -12,6 +12,7 @@
 //! `<cache-dir>/<archive id>/writes/` (files being written, never acknowledged before upload)
 //! and `<cache-dir>/<archive id>/stats.json` (read-ahead counters, for `walfs status`).
 
+use crate::envelope::Priority;
 use crate::readahead::{Planner, Timelines};
 use crate::spool::{private_dir, spool_dir, Spool, DIR_MODE};
 use crate::store::{Archive, Entry, Error, PushOutcome};
@@ -328,6 +329,17 @@ impl Cache {
     /// The verified plaintext of `name`: loaded once however many callers ask at the same
     /// time, then kept in the LRU. History files met on the way feed the read-ahead planner.
     async fn load(&self, name: &ArchiveName) -> Result<Arc<CachedFile>, Arc<LoadError>> {
+        self.load_as(name, Priority::Reader).await
+    }
+
+    /// [`Cache::load`], decoded at `priority` (read-ahead: below replay's). A reader that
+    /// joins a load read-ahead started waits at its priority: the reader's server is waiting
+    /// too then, so the CPU is free for it.
+    async fn load_as(
+        &self,
+        name: &ArchiveName,
+        priority: Priority,
+    ) -> Result<Arc<CachedFile>, Arc<LoadError>> {
         let load = async {
             // Received but not uploaded yet: durable here, plaintext, the same bytes. Only a
             // spool that has no such file sends the read to the archive.
@@ -342,7 +354,7 @@ impl Cache {
                     let _ = std::fs::remove_file(&path);
                     match self
                         .archive
-                        .fetch_into(name, f.try_clone()?, self.sizes.get(name))
+                        .fetch_into(name, f.try_clone()?, self.sizes.get(name), priority)
                         .await
                     {
                         Ok(Some(len)) => Arc::new(CachedFile {
@@ -617,7 +629,7 @@ impl Cache {
             tokio::spawn(async move {
                 let _permit = permit;
                 let ra = &this.readahead;
-                match this.load(&name).await {
+                match this.load_as(&name, Priority::Background).await {
                     Ok(file) => {
                         this.stats.prefetched.fetch_add(1, Ordering::Relaxed);
                         if let Some(slot) = lock(&ra.planned).get_mut(&name) {

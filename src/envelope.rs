@@ -368,6 +368,13 @@ impl Header {
         b
     }
 
+    /// Where chunk `i`'s plaintext goes: (offset, length).
+    fn span(&self, i: usize) -> (u64, usize) {
+        let cs = u64::from(self.chunk_size);
+        let start = (i as u64 * cs).min(self.plaintext_len);
+        (start, (self.plaintext_len - start).min(cs) as usize)
+    }
+
     fn chunk_count(&self) -> usize {
         // An empty file still has one (empty, last) chunk, so cutting every chunk is detected.
         (self.plaintext_len.div_ceil(u64::from(self.chunk_size))).max(1) as usize
@@ -397,14 +404,14 @@ impl Default for SealOptions {
 }
 
 /// Per-object sealing state shared by all chunks.
-struct Sealer<'a> {
+struct Sealer {
     aead: Option<Aes256Gcm>,
-    header: &'a Header,
+    header: Header,
     aad: Vec<u8>,
 }
 
-impl<'a> Sealer<'a> {
-    fn new(header: &'a Header, header_bytes: &[u8], name: &str, key: Option<&Key>) -> Self {
+impl Sealer {
+    fn new(header: &Header, header_bytes: &[u8], name: &str, key: Option<&Key>) -> Self {
         let mut aad = Vec::with_capacity(header_bytes.len() + name.len());
         aad.extend_from_slice(header_bytes);
         aad.extend_from_slice(name.as_bytes());
@@ -412,7 +419,11 @@ impl<'a> Sealer<'a> {
             1 => Aes256Gcm::new((&k.bytes).into()),
             _ => Aes256Gcm::new(&k.derive(Some(&header.salt), b"walfs v2 object key").into()),
         });
-        Sealer { aead, header, aad }
+        Sealer {
+            aead,
+            header: header.clone(),
+            aad,
+        }
     }
 
     fn nonce(&self, i: usize) -> [u8; 12] {
@@ -682,6 +693,260 @@ pub type Sink<'a> = dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync + 'a;
 /// A sink that can be handed to another thread.
 pub type OwnedSink = dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync + 'static;
 
+/// Who waits for an open: a reader (now), or read-ahead (whose work must not take the CPU
+/// that PostgreSQL's replay needs: its threads run at a lower priority).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Reader,
+    Background,
+}
+
+/// The key an object opens with, chosen from its header: an archive with a key holds only
+/// objects encrypted under one of its keys; an archive without one, only unencrypted ones.
+fn key_for<'k>(header: &Header, keys: Option<&'k Keyring>) -> Result<Option<&'k Key>, OpenError> {
+    match (header.cipher, keys) {
+        // An archive with a key holds only encrypted objects: anything else was planted.
+        (Cipher::None, Some(_)) => Err(OpenError::Unencrypted),
+        (Cipher::None, None) => Ok(None),
+        (Cipher::Aes256Gcm, None) => Err(OpenError::KeyRequired(header.key_id)),
+        (Cipher::Aes256Gcm, Some(ring)) => {
+            ring.get(header.key_id)
+                .map(Some)
+                .ok_or(OpenError::WrongKey {
+                    object: header.key_id,
+                    configured: ring.current().id(),
+                })
+        }
+    }
+}
+
+/// One object's chunks, authenticated and expanded one at a time (from any thread): the key
+/// is chosen and the object's own key derived once, from its header.
+pub struct Opener {
+    sealer: Sealer,
+}
+
+impl Opener {
+    /// `header_bytes`: the object's header, exactly (see [`Framer`]).
+    pub fn new(
+        name: &str,
+        header_bytes: &[u8],
+        keys: Option<&Keyring>,
+    ) -> Result<Opener, OpenError> {
+        let header = Header::parse(header_bytes)?;
+        let key = key_for(&header, keys)?;
+        let header_len = header.encoded_len();
+        Ok(Opener {
+            sealer: Sealer::new(&header, &header_bytes[..header_len], name, key),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.sealer.header
+    }
+
+    /// Where chunk `i`'s plaintext goes: (offset, length).
+    fn span(&self, i: usize) -> (u64, usize) {
+        self.header().span(i)
+    }
+
+    /// Ok when `opened` (what [`open_records`] returned) is every chunk of the object: fewer
+    /// is a truncated object (or a download cut short, which its own error says first).
+    pub fn all_opened(&self, opened: usize) -> Result<(), OpenError> {
+        let n = self.header().chunk_count();
+        if opened != n {
+            return Err(corrupt(format!("{opened} of {n} chunks arrived")));
+        }
+        Ok(())
+    }
+}
+
+/// The length of the header at the start of `prefix`, once `prefix` holds it (None: not yet).
+fn header_len(prefix: &[u8]) -> Result<Option<usize>, OpenError> {
+    if prefix.len() >= 8 && &prefix[..8] != MAGIC {
+        return Err(OpenError::NotWalfs);
+    }
+    if prefix.len() < 9 {
+        return Ok(None);
+    }
+    let len = match prefix[8] {
+        1 => V1_HEADER_LEN,
+        2 => V2_HEADER_LEN,
+        v => return Err(OpenError::UnsupportedVersion(v)),
+    };
+    Ok((prefix.len() >= len).then_some(len))
+}
+
+/// The sealed length of record `i` at the start of `buf`, once its frame is there (None: not
+/// yet). A length chunk `i` cannot seal to is refused before anything waits for its bytes, so
+/// a hostile frame cannot make a reader buffer more than that chunk (whose size the header
+/// claims: at most 64 MiB, 1 MiB as walfs writes WAL).
+fn record_len(buf: &[u8], header: &Header, i: usize) -> Result<Option<usize>, OpenError> {
+    let Some(frame) = buf.get(..FRAME_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    // The kind byte, the body (never longer than zstd's bound for the chunk) and the tag.
+    let chunk = header.span(i).1;
+    let most = 1 + chunk + chunk / 128 + 1024 + TAG_LEN;
+    if len <= TAG_LEN || len > most {
+        return Err(corrupt(format!("chunk {i} claims {len} bytes")));
+    }
+    Ok(Some(len))
+}
+
+/// One piece of an object cut by a [`Framer`].
+pub enum Piece {
+    /// The header's bytes (for [`Opener::new`]).
+    Header(bytes::Bytes),
+    /// Record `i`'s sealed bytes.
+    Record(usize, bytes::Bytes),
+}
+
+/// Cuts an object that arrives in pieces of any size (a download) into its header and its
+/// sealed records, in order. It holds at most one record: a frame longer than any chunk can
+/// seal to, a record past the header's count, and bytes after the last record are refused as
+/// they arrive. [`Framer::finish`] says whether the object was whole.
+#[derive(Default)]
+pub struct Framer {
+    buf: bytes::BytesMut,
+    header: Option<Header>,
+    next: usize,
+}
+
+impl Framer {
+    /// Adds `data`; the pieces it completes are appended to `out`.
+    pub fn push(&mut self, data: &[u8], out: &mut Vec<Piece>) -> Result<(), OpenError> {
+        self.buf.extend_from_slice(data);
+        loop {
+            let Some(header) = &self.header else {
+                let Some(len) = header_len(&self.buf)? else {
+                    return Ok(());
+                };
+                let bytes = self.buf.split_to(len).freeze();
+                self.header = Some(Header::parse(&bytes)?);
+                out.push(Piece::Header(bytes));
+                continue;
+            };
+            if self.next == header.chunk_count() {
+                return match self.buf.len() {
+                    0 => Ok(()),
+                    n => Err(corrupt(format!("{n} bytes after the last chunk"))),
+                };
+            }
+            let Some(len) = record_len(&self.buf, header, self.next)? else {
+                return Ok(());
+            };
+            if self.buf.len() < FRAME_LEN + len {
+                return Ok(());
+            }
+            let _ = self.buf.split_to(FRAME_LEN);
+            out.push(Piece::Record(self.next, self.buf.split_to(len).freeze()));
+            self.next += 1;
+        }
+    }
+
+    /// The header, once it arrived.
+    pub fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
+    }
+
+    /// The object ended: Ok only if it held its header and exactly the records it announces.
+    pub fn finish(&self) -> Result<(), OpenError> {
+        let Some(header) = &self.header else {
+            return Err(match Header::parse(&self.buf) {
+                Err(e) => e,
+                Ok(_) => corrupt("truncated header"),
+            });
+        };
+        if self.next < header.chunk_count() {
+            return Err(corrupt(if self.buf.len() < FRAME_LEN {
+                format!("truncated before chunk {}", self.next)
+            } else {
+                format!("truncated inside chunk {}", self.next)
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Opens records on every core as `next` hands them out (None: no more), each into `sink`,
+/// until one fails; returns how many it opened, which [`Opener::all_opened`] must accept before
+/// the sink's output means anything. Memory: one chunk per thread. CPU-bound: call from a
+/// blocking context.
+pub fn open_records<R: AsRef<[u8]>>(
+    opener: &Opener,
+    next: &(dyn Fn() -> Option<(usize, R)> + Sync),
+    sink: &Sink<'_>,
+    priority: Priority,
+) -> Result<usize, OpenError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let failed = AtomicBool::new(false);
+    let opened = AtomicUsize::new(0);
+    let header = opener.header();
+    let cs = (header.chunk_size as usize).min(header.plaintext_len as usize);
+    let work = || -> Result<(), OpenError> {
+        if priority == Priority::Background {
+            lower_priority();
+        }
+        // What the object claims, within bounds: no more than its plaintext.
+        let mut buf = vec![0u8; cs];
+        while !failed.load(Ordering::Relaxed) {
+            let Some((i, sealed)) = next() else {
+                return Ok(());
+            };
+            let (at, len) = opener.span(i);
+            let dest = &mut buf[..len];
+            opener.sealer.open_chunk(i, sealed.as_ref(), dest)?;
+            sink(at, dest).map_err(|e| OpenError::Output(e.to_string()))?;
+            opened.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    let results: Vec<Result<(), OpenError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers(header.chunk_count()))
+            .map(|_| {
+                // A thread the system refuses (a task limit) is a local failure, never damage.
+                std::thread::Builder::new().spawn_scoped(s, || {
+                    let r = work();
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(OpenError::Output("an opening thread panicked".into()))
+                }),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    Err(OpenError::Output(format!(
+                        "starting an opening thread: {e}"
+                    )))
+                }
+            })
+            .collect()
+    });
+    results.into_iter().collect::<Result<(), _>>()?;
+    Ok(opened.into_inner())
+}
+
+/// Makes the calling thread yield the CPU to work at its process's priority: 10 nicer than
+/// it was. A thread that decodes ahead must not slow the reader, or the replay, it works for.
+/// (Per thread on Linux; under cgroup CPU weights, between services those weights decide.)
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: nice() changes the calling thread's nice value (Linux keeps it per thread; glibc
+    // and musl implement it with getpriority/setpriority on the caller); no memory is touched.
+    unsafe {
+        let _ = libc::nice(10);
+    }
+}
+
 /// Opens the object stored for `name` into `sink`, chunk by chunk on every core. Nothing the
 /// sink received may be used unless this returns Ok (with the plaintext length): a damaged
 /// chunk anywhere fails the whole object. CPU-bound: call from a blocking context.
@@ -691,42 +956,27 @@ pub fn open_into(
     keys: Option<&Keyring>,
     sink: &Sink<'_>,
 ) -> Result<u64, OpenError> {
-    let header = Header::parse(object)?;
-    let key = match (header.cipher, keys) {
-        // An archive with a key holds only encrypted objects: anything else was planted.
-        (Cipher::None, Some(_)) => return Err(OpenError::Unencrypted),
-        (Cipher::None, None) => None,
-        (Cipher::Aes256Gcm, None) => return Err(OpenError::KeyRequired(header.key_id)),
-        (Cipher::Aes256Gcm, Some(ring)) => {
-            Some(ring.get(header.key_id).ok_or(OpenError::WrongKey {
-                object: header.key_id,
-                configured: ring.current().id(),
-            })?)
+    // Frame the records (cheap, and the same code as a download's), then open them.
+    let mut pos = match header_len(object)? {
+        Some(len) => len,
+        None => {
+            return Err(Header::parse(object)
+                .err()
+                .unwrap_or(corrupt("truncated header")))
         }
     };
-    let n = header.chunk_count();
-    let header_len = header.encoded_len();
-    // Each record needs at least a frame, a kind byte and a tag: refuse lengths the object
-    // cannot hold before allocating for them.
-    let min_record = FRAME_LEN + 1 + TAG_LEN;
-    if (object.len() - header_len) / min_record < n {
-        return Err(corrupt("truncated: fewer chunks than the header announces"));
-    }
-    // Frame the records (cheap), then open them in parallel.
-    let mut records = Vec::with_capacity(n);
-    let mut pos = header_len;
+    let opener = Opener::new(name, &object[..pos], keys)?;
+    let n = opener.header().chunk_count();
+    let mut records = Vec::new();
     for i in 0..n {
-        let len_bytes = object
-            .get(pos..pos + FRAME_LEN)
-            .ok_or_else(|| corrupt(format!("truncated before chunk {i}")))?;
-        let len = u32::from_le_bytes(len_bytes.try_into().unwrap_or_default()) as usize;
-        pos += FRAME_LEN;
+        let Some(len) = record_len(&object[pos..], opener.header(), i)? else {
+            return Err(corrupt(format!("truncated before chunk {i}")));
+        };
         let sealed = object
-            .get(pos..pos + len)
-            .filter(|s| s.len() > TAG_LEN)
+            .get(pos + FRAME_LEN..pos + FRAME_LEN + len)
             .ok_or_else(|| corrupt(format!("truncated inside chunk {i}")))?;
         records.push(sealed);
-        pos += len;
+        pos += FRAME_LEN + len;
     }
     if pos != object.len() {
         return Err(corrupt(format!(
@@ -734,46 +984,16 @@ pub fn open_into(
             object.len() - pos
         )));
     }
-    let sealer = Sealer::new(&header, &object[..header_len], name, key);
-    // Workers take chunks in turn and hand each, once authenticated and expanded, to the
-    // sink: memory stays at one chunk per worker whatever the file's size.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let cs = header.chunk_size as usize;
-    let results: Vec<Result<(), OpenError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers(n))
-            .map(|_| {
-                let (sealer, records, next) = (&sealer, &records, &next);
-                let header = &header;
-                s.spawn(move || {
-                    // What the object claims, within bounds: no more than its plaintext.
-                    let mut buf = vec![0u8; cs.min(header.plaintext_len as usize)];
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        let start = i * cs;
-                        let len = cs.min(
-                            header.plaintext_len as usize
-                                - start.min(header.plaintext_len as usize),
-                        );
-                        let dest = &mut buf[..len];
-                        sealer.open_chunk(i, records[i], dest)?;
-                        sink(start as u64, dest).map_err(|e| OpenError::Output(e.to_string()))?;
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(corrupt("worker panicked"))))
-            .collect()
-    });
-    results.into_iter().collect::<Result<(), _>>()?;
+    let taken = std::sync::atomic::AtomicUsize::new(0);
+    let next = || {
+        let i = taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        records.get(i).map(|r| (i, *r))
+    };
+    opener.all_opened(open_records(&opener, &next, sink, Priority::Reader)?)?;
     // No whole-file hash here: every chunk authenticated against the header (which fixes the
     // chunk count and each chunk's length) and its index, the last chunk carries the last
     // flag, and nothing follows it, so the plaintext is exactly what was sealed.
-    Ok(header.plaintext_len)
+    Ok(opener.header().plaintext_len)
 }
 
 /// Opens the object stored for `name` into memory: authenticates every chunk before
@@ -989,6 +1209,112 @@ mod tests {
             mixed.extend_from_slice(&b[V2_HEADER_LEN..]);
             assert_corrupt(open(NAME, &mixed, r.as_ref()), "swapped body");
         }
+    }
+
+    /// Opens `obj` as a download does: fed to a [`Framer`] `piece` bytes at a time, records
+    /// opened by [`open_records`] as they are cut.
+    fn open_streamed(obj: &[u8], r: Option<&Keyring>, piece: usize) -> Result<Vec<u8>, OpenError> {
+        let mut framer = Framer::default();
+        let mut pieces = Vec::new();
+        let mut opener = None;
+        let mut records = std::collections::VecDeque::new();
+        for part in obj.chunks(piece.max(1)) {
+            framer.push(part, &mut pieces)?;
+            for p in pieces.drain(..) {
+                match p {
+                    Piece::Header(h) => opener = Some(Opener::new(NAME, &h, r)?),
+                    Piece::Record(i, b) => records.push_back((i, b)),
+                }
+            }
+        }
+        framer.finish()?;
+        let opener = opener.expect("a finished framer saw the header");
+        let records = std::sync::Mutex::new(records);
+        let out = std::sync::Mutex::new(vec![0u8; opener.header().plaintext_len as usize]);
+        let opened = open_records(
+            &opener,
+            &|| records.lock().unwrap().pop_front(),
+            &|at, data| {
+                out.lock().unwrap()[at as usize..at as usize + data.len()].copy_from_slice(data);
+                Ok(())
+            },
+            Priority::Background,
+        )?;
+        opener.all_opened(opened)?;
+        Ok(out.into_inner().unwrap())
+    }
+
+    #[test]
+    fn a_download_in_pieces_opens_exactly_as_the_whole_object() {
+        let data = sample(3 * 4096 + 100);
+        for r in [None, Some(ring(5))] {
+            let obj = seal_with(NAME, &data, r.as_ref(), small_chunks());
+            let mut variants = vec![obj.clone()];
+            for pos in (0..obj.len()).step_by(37) {
+                let mut bad = obj.clone();
+                bad[pos] ^= 0x01;
+                variants.push(bad);
+            }
+            for cut in [0, 5, 8, 9, V2_HEADER_LEN, V2_HEADER_LEN + 2, obj.len() - 1] {
+                variants.push(obj[..cut].to_vec());
+            }
+            let mut longer = obj.clone();
+            longer.push(0);
+            variants.push(longer);
+            for v in &variants {
+                let whole = open(NAME, v, r.as_ref());
+                for piece in [1, 3, 100, 4096, v.len()] {
+                    let streamed = open_streamed(v, r.as_ref(), piece);
+                    assert_eq!(
+                        streamed.as_ref().ok(),
+                        whole.as_ref().ok(),
+                        "{} bytes in pieces of {piece}: {:?} against {:?}",
+                        v.len(),
+                        streamed.as_ref().err(),
+                        whole.as_ref().err()
+                    );
+                    if let (Err(a), Err(b)) = (&streamed, &whole) {
+                        assert_eq!(
+                            std::mem::discriminant(a),
+                            std::mem::discriminant(b),
+                            "{a:?} against {b:?}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(open_streamed(&obj, r.as_ref(), 7).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn a_download_is_refused_as_soon_as_it_cannot_be_an_object() {
+        let obj = seal_with(NAME, &sample(3 * 4096), Some(&ring(2)), small_chunks());
+        let mut out = Vec::new();
+        // A frame claiming more than any chunk seals to: refused before its bytes are awaited.
+        let mut huge = obj[..V2_HEADER_LEN].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut f = Framer::default();
+        assert!(matches!(
+            f.push(&huge, &mut out),
+            Err(OpenError::Corrupt(_))
+        ));
+        // Bytes after the last record: refused when they arrive, not at the end.
+        let mut f = Framer::default();
+        f.push(&obj, &mut out).unwrap();
+        assert!(matches!(f.push(&[0], &mut out), Err(OpenError::Corrupt(_))));
+        // Not an object at all: refused at the eighth byte.
+        let mut f = Framer::default();
+        assert!(matches!(
+            f.push(b"PGDMP\0\0\0", &mut out),
+            Err(OpenError::NotWalfs)
+        ));
+        // The framer never holds more than the record it is waiting for.
+        let mut f = Framer::default();
+        for b in obj.chunks(1) {
+            f.push(b, &mut out).unwrap();
+            assert!(f.buf.len() <= 4096 + 4096 / 128 + 1024 + 1 + TAG_LEN + FRAME_LEN);
+        }
+        f.finish().unwrap();
     }
 
     #[test]

@@ -745,7 +745,10 @@ async fn fetch_under_policy(
             .tempfile_in(dir)
             .map_err(local)?;
         let out = tmp.as_file().try_clone().map_err(local)?;
-        match archive.fetch_into(&name, out, None).await {
+        match archive
+            .fetch_into(&name, out, None, crate::envelope::Priority::Reader)
+            .await
+        {
             Ok(Some(_)) => {}
             Ok(None) => return Ok(None),
             Err(e) => return Err(Trouble::from(&e)),

@@ -8,7 +8,9 @@
 //! wal/<name>          one envelope per archived file, under its PostgreSQL name
 //! ```
 
-use crate::envelope::{self, Header, Key, Keyring, OpenError, SealOptions, HEADER_LEN};
+use crate::envelope::{
+    self, Header, Key, Keyring, OpenError, Opener, Piece, Priority, SealOptions, HEADER_LEN,
+};
 use crate::telemetry;
 use crate::wal::{self, ArchiveName, FileKind, SegmentSize};
 use bytes::Bytes;
@@ -866,44 +868,63 @@ impl Archive {
     /// The stored object is opened chunk by chunk and compared with the file at the same
     /// offsets, never expanded into memory whole.
     async fn confirm_identical(&self, obj: &Obj, plain: &Plain) -> Result<PushOutcome, Error> {
-        let Some(bytes) = self.get_object(obj, Some(plain.source().len())).await? else {
-            return Err(Error::Refused {
-                name: obj.sealed_as.clone(),
-                why: "the archived copy vanished while being compared; try again".into(),
-            });
+        let vanished = || Error::Refused {
+            name: obj.sealed_as.clone(),
+            why: "the archived copy vanished while being compared; try again".into(),
         };
-        let keys = self.keys.clone();
-        let n = obj.sealed_as.clone();
+        let offered = plain.clone();
+        let differs = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = differs.clone();
+        let compare = Box::new(move |at: u64, data: &[u8]| {
+            let src = offered.source();
+            let mut mine = vec![0u8; data.len()];
+            let same = at + data.len() as u64 <= src.len()
+                && src.read_exact_at(&mut mine, at).is_ok()
+                && mine == data;
+            if !same {
+                d.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        let len = plain.source().len();
+        let Some((_, stored_len)) = self
+            .open_object(obj, Some(len), compare, Priority::Reader)
+            .await?
+        else {
+            return Err(vanished());
+        };
+        if stored_len == len && !differs.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(PushOutcome::AlreadyArchived);
+        }
+        // They differ: name both by their SHA-256, computed here (the bucket holds no digest
+        // of any plaintext), from a second download of the stored copy.
+        let local = |e: std::io::Error| Error::Output {
+            name: obj.sealed_as.clone(),
+            why: format!("a scratch file to compare with the archived copy: {e}"),
+        };
+        let copy = tempfile::tempfile().map_err(local)?;
+        let Some(stored_len) = self
+            .fetch_obj_into(
+                obj,
+                Some(len),
+                copy.try_clone().map_err(local)?,
+                Priority::Reader,
+            )
+            .await?
+        else {
+            return Err(vanished());
+        };
         let plain = plain.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let src = plain.source();
-            let local = |e: std::io::Error| OpenError::Output(e.to_string());
-            let differs = std::sync::atomic::AtomicBool::new(false);
-            let len = envelope::open_into(&n, &bytes, keys.as_ref(), &|at, data| {
-                let mut mine = vec![0u8; data.len()];
-                let same = at + data.len() as u64 <= src.len()
-                    && src.read_exact_at(&mut mine, at).is_ok()
-                    && mine == data;
-                if !same {
-                    differs.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                Ok(())
-            })?;
-            if len == src.len() && !differs.into_inner() {
-                return Ok(None);
-            }
-            // They differ: name both by their SHA-256, computed here (the bucket holds no
-            // digest of any plaintext).
-            let copy = tempfile::tempfile().map_err(local)?;
-            envelope::open_into(&n, &bytes, keys.as_ref(), &|at, data| {
-                std::os::unix::fs::FileExt::write_all_at(&copy, data, at)
-            })?;
-            let stored = envelope::Source::File(&copy, len).digest().map_err(local)?;
-            Ok::<_, OpenError>(Some((stored, src.digest().map_err(local)?)))
+            let stored = envelope::Source::File(&copy, stored_len).digest()?;
+            let offered = plain.source().digest()?;
+            // The second look found them equal after all (the object was replaced between
+            // the two downloads by an identical one): that is the answer.
+            Ok::<_, std::io::Error>((stored != offered).then_some((stored, offered)))
         })
         .await
         .map_err(|e| Error::Config(format!("comparing task failed: {e}")))?
-        .map_err(|e| Self::unreadable(&obj.sealed_as, e))?;
+        .map_err(local)?;
         match outcome {
             None => Ok(PushOutcome::AlreadyArchived),
             Some((stored, offered)) => Err(Error::Conflict {
@@ -942,14 +963,17 @@ impl Archive {
         }
     }
 
-    /// The stored object of `name`, or None when it is authoritatively not archived (see
-    /// [`Archive::confirm_absent`]): a wrong URL must not look like the end of the archive to
-    /// PostgreSQL.
+    /// The download of `obj`'s stored object, or None when it is authoritatively not archived
+    /// (see [`Archive::confirm_absent`]): a wrong URL must not look like the end of the archive
+    /// to PostgreSQL.
     ///
     /// `size` is what the caller expects the file to hold (a segment: the segment size): the
     /// download is given the time that needs on a slow link.
-    async fn get_object(&self, obj: &Obj, size: Option<u64>) -> Result<Option<Bytes>, Error> {
-        let name = &obj.sealed_as;
+    async fn get_stream(
+        &self,
+        obj: &Obj,
+        size: Option<u64>,
+    ) -> Result<Option<object_store::GetResult>, Error> {
         let size = size.or_else(|| match obj.kind {
             FileKind::Segment | FileKind::Partial => {
                 self.identity.get().map(|i| i.wal_segment_size)
@@ -962,25 +986,12 @@ impl Archive {
             .get(&obj.path)
             .await
         {
-            Ok(r) => {
-                // Chunk by chunk, counting what arrives: a slow download is not a dead store.
-                let fail = |e| Error::backend(format!("downloading {name}"), e);
-                let mut buf = bytes::BytesMut::with_capacity(r.meta.size as usize);
-                let mut body = r.into_stream();
-                while let Some(chunk) = body.next().await {
-                    let chunk = chunk.map_err(fail)?;
-                    self.received
-                        .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    buf.extend_from_slice(&chunk);
-                }
-                telemetry::archive_stored("fetch", buf.len() as u64);
-                Ok(Some(buf.freeze()))
-            }
+            Ok(r) => Ok(Some(r)),
             Err(object_store::Error::NotFound { .. }) => {
                 self.confirm_absent().await?;
                 Ok(None)
             }
-            Err(e) => Err(Error::backend(format!("downloading {name}"), e)),
+            Err(e) => Err(Error::backend(format!("downloading {}", obj.sealed_as), e)),
         }
     }
 
@@ -1019,45 +1030,110 @@ impl Archive {
         Ok(())
     }
 
-    /// Downloads `name`, authenticates it whole and hands its plaintext to `sink` (several
+    /// Downloads `obj`, authenticates it whole and hands its plaintext to `sink` (several
     /// threads, any order), then checks its content against the identity; None when it is
     /// not archived. The sink's output means nothing unless this returns Ok.
+    ///
+    /// The object is opened as it arrives: the download is cut into records
+    /// ([`envelope::Framer`]), which threads open while the next ones download. Memory stays
+    /// at a few chunks (four records queued, one being framed, and per thread a record and its
+    /// chunk) whatever the object's size.
     async fn open_object(
         &self,
         obj: &Obj,
         size: Option<u64>,
         sink: Box<envelope::OwnedSink>,
+        priority: Priority,
     ) -> Result<Option<(Header, u64)>, Error> {
         let wal = matches!(obj.kind, FileKind::Segment | FileKind::Partial);
-        let (bytes, identity) = tokio::join!(self.get_object(obj, size), async {
+        let (download, identity) = tokio::join!(self.get_stream(obj, size), async {
             if wal {
                 self.identity().await.map(|_| ())
             } else {
                 Ok(())
             }
         });
-        let Some(bytes) = bytes? else {
+        let Some(download) = download? else {
             return Ok(None);
         };
         identity?;
-        let keys = self.keys.clone();
-        let n = obj.sealed_as.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            let header = Header::parse(&bytes)?;
-            let first = std::sync::Mutex::new(Vec::new());
-            let len = envelope::open_into(&n, &bytes, keys.as_ref(), &|at, data| {
-                if at == 0 {
-                    let take = data.len().min(wal::LONG_HEADER_LEN);
-                    *first.lock().unwrap_or_else(|p| p.into_inner()) = data[..take].to_vec();
+        let name = &obj.sealed_as;
+        let mut body = download.into_stream();
+        let mut framer = envelope::Framer::default();
+        let mut pieces = Vec::new();
+        let mut opening: Option<Opening> = None;
+        let mut stored = 0u64;
+        // The sink also keeps the first bytes, for the content check against the identity.
+        let first = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = first.clone();
+        let sink: Arc<envelope::OwnedSink> = Arc::new(move |at: u64, data: &[u8]| {
+            if at == 0 {
+                let take = data.len().min(wal::LONG_HEADER_LEN);
+                *keep.lock().unwrap_or_else(|p| p.into_inner()) = data[..take].to_vec();
+            }
+            sink(at, data)
+        });
+        let fed: Result<(), Error> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| Error::backend(format!("downloading {name}"), e))?;
+                // Counted as it arrives: a slow download is not a dead store.
+                self.received
+                    .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                stored += chunk.len() as u64;
+                framer
+                    .push(&chunk, &mut pieces)
+                    .map_err(|e| Self::unreadable(name, e))?;
+                for piece in pieces.drain(..) {
+                    match piece {
+                        Piece::Header(bytes) => {
+                            let opener = Opener::new(name, &bytes, self.keys.as_ref())
+                                .map_err(|e| Self::unreadable(name, e))?;
+                            opening = Some(
+                                Opening::start(opener, sink.clone(), priority)
+                                    .map_err(|e| Self::unreadable(name, e))?,
+                            );
+                        }
+                        Piece::Record(i, sealed) => {
+                            let Some(o) = &opening else {
+                                return Err(Self::unreadable(
+                                    name,
+                                    OpenError::Corrupt("a chunk before the header".into()),
+                                ));
+                            };
+                            if o.records.send((i, sealed)).await.is_err() {
+                                // The threads stopped: one failed, and its verdict says why.
+                                return Err(Self::unreadable(
+                                    name,
+                                    OpenError::Output("the opening threads stopped".into()),
+                                ));
+                            }
+                        }
+                    }
                 }
-                sink(at, data)
-            })?;
-            let first = first.into_inner().unwrap_or_else(|p| p.into_inner());
-            Ok::<_, OpenError>((header, len, first))
-        })
-        .await
-        .map_err(|e| Error::Config(format!("opening task failed: {e}")))?;
-        let (header, len, first) = opened.map_err(|e| Self::unreadable(&obj.sealed_as, e))?;
+            }
+            framer.finish().map_err(|e| Self::unreadable(name, e))
+        }
+        .await;
+        // A damaged chunk is the answer even when the download failed too: it cannot heal.
+        // Then a download that failed (the chunks after it never came); then every chunk must
+        // have been opened.
+        let opened = match opening {
+            Some(o) => Some(o.finish().await.map_err(|e| Self::unreadable(name, e))?),
+            None => None,
+        };
+        fed?;
+        if let Some((opener, opened)) = opened {
+            opener
+                .all_opened(opened)
+                .map_err(|e| Self::unreadable(name, e))?;
+        }
+        telemetry::archive_stored("fetch", stored);
+        let header = framer
+            .header()
+            .cloned()
+            .ok_or_else(|| Self::unreadable(name, OpenError::Corrupt("no header".into())))?;
+        let len = header.plaintext_len;
+        let first = std::mem::take(&mut *first.lock().unwrap_or_else(|p| p.into_inner()));
         self.check_content(obj, len, &first)?;
         Ok(Some((header, len)))
     }
@@ -1108,7 +1184,7 @@ impl Archive {
             Ok(())
         });
         Ok(self
-            .open_object(obj, size, sink)
+            .open_object(obj, size, sink, Priority::Reader)
             .await?
             .map(|_| std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))))
     }
@@ -1117,7 +1193,12 @@ impl Archive {
     /// opens); None when it is not archived. What `verify --deep` checks, and counts by key.
     pub async fn check_object(&self, name: &ArchiveName) -> Result<Option<ObjectInfo>, Error> {
         let opened = self
-            .open_object(&self.obj(name), None, Box::new(|_, _| Ok(())))
+            .open_object(
+                &self.obj(name),
+                None,
+                Box::new(|_, _| Ok(())),
+                Priority::Reader,
+            )
             .await?;
         Ok(opened.map(|(h, _)| ObjectInfo {
             format: h.version,
@@ -1126,7 +1207,7 @@ impl Archive {
     }
 
     /// Writes the plaintext of `name` into `file` (from offset 0) and returns its length, or
-    /// None when it is not archived. Memory stays at the stored object plus a chunk per core.
+    /// None when it is not archived. Memory stays at a few chunks whatever the file's size.
     /// The file's content means nothing unless this returns Ok. `size`: the plaintext size,
     /// when known (a slow link gets the time a large file needs).
     pub async fn fetch_into(
@@ -1134,9 +1215,10 @@ impl Archive {
         name: &ArchiveName,
         file: std::fs::File,
         size: Option<u64>,
+        priority: Priority,
     ) -> Result<Option<u64>, Error> {
         let began = Instant::now();
-        let r = self.fetch_into_inner(name, file, size).await;
+        let r = self.fetch_into_inner(name, file, size, priority).await;
         record(
             "fetch",
             began,
@@ -1151,8 +1233,10 @@ impl Archive {
         name: &ArchiveName,
         file: std::fs::File,
         size: Option<u64>,
+        priority: Priority,
     ) -> Result<Option<u64>, Error> {
-        self.fetch_obj_into(&self.obj(name), size, file).await
+        self.fetch_obj_into(&self.obj(name), size, file, priority)
+            .await
     }
 
     /// Writes `obj`'s verified plaintext into `file`; its length, or None when absent.
@@ -1161,11 +1245,15 @@ impl Archive {
         obj: &Obj,
         size: Option<u64>,
         file: std::fs::File,
+        priority: Priority,
     ) -> Result<Option<u64>, Error> {
         let sink = Box::new(move |at: u64, data: &[u8]| {
             std::os::unix::fs::FileExt::write_all_at(&file, data, at)
         });
-        Ok(self.open_object(obj, size, sink).await?.map(|(_, len)| len))
+        Ok(self
+            .open_object(obj, size, sink, priority)
+            .await?
+            .map(|(_, len)| len))
     }
 
     /// The object's header (one small ranged read), or None when authoritatively absent. The
@@ -1282,6 +1370,46 @@ pub(crate) fn test_segment(name: &str, sysid: u64, size: u64) -> Bytes {
         *x = (i % 7) as u8;
     }
     Bytes::from(b)
+}
+
+/// The threads opening one object's records while its download brings the next ones: a
+/// thread of its own (not tokio's blocking pool, which local-file downloads need to make
+/// progress) and one per core under it.
+struct Opening {
+    records: tokio::sync::mpsc::Sender<(usize, Bytes)>,
+    verdict: tokio::sync::oneshot::Receiver<(Arc<Opener>, Result<usize, OpenError>)>,
+}
+
+impl Opening {
+    fn start(
+        opener: Opener,
+        sink: Arc<envelope::OwnedSink>,
+        priority: Priority,
+    ) -> Result<Opening, OpenError> {
+        // Records waiting for a thread: the download runs a few records ahead of them.
+        let (records, rx) = tokio::sync::mpsc::channel::<(usize, Bytes)>(4);
+        let (tell, verdict) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("walfs-open".into())
+            .spawn(move || {
+                let rx = std::sync::Mutex::new(rx);
+                let next = || rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
+                let opened = envelope::open_records(&opener, &next, &*sink, priority);
+                let _ = tell.send((Arc::new(opener), opened));
+            })
+            .map_err(|e| OpenError::Output(format!("starting an opening thread: {e}")))?;
+        Ok(Opening { records, verdict })
+    }
+
+    /// No more records: the opener and how many records the threads opened, once they are
+    /// done; an error when one failed.
+    async fn finish(self) -> Result<(Arc<Opener>, usize), OpenError> {
+        drop(self.records);
+        match self.verdict.await {
+            Ok((opener, opened)) => Ok((opener, opened?)),
+            Err(_) => Err(OpenError::Output("the opening thread ended early".into())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1585,6 +1713,51 @@ mod tests {
             a.fetch(&first).await.unwrap_err().class(),
             Class::Unavailable
         );
+    }
+
+    #[tokio::test]
+    async fn a_download_is_opened_as_it_arrives() {
+        // Chunks are opened while the rest downloads (memory stays at a few chunks for a
+        // 1 GiB segment): a body that breaks half-way has already fed its first chunks to
+        // the sink, and the fetch still fails as the store's failure, never as damage.
+        let (store, a) = faulty_archive();
+        let first = n("000000010000000000000001");
+        let size = 8u64 << 20;
+        a.push(&first, segment(first.as_str(), SYSID, size))
+            .await
+            .unwrap();
+        store.inject(
+            faults::Op::Get,
+            first.as_str(),
+            faults::Fault::BrokenBody,
+            None,
+        );
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let s = seen.clone();
+        let sink = Box::new(move |_: u64, d: &[u8]| {
+            s.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        });
+        let e = a
+            .open_object(&a.obj(&first), None, sink, Priority::Reader)
+            .await
+            .unwrap_err();
+        assert_eq!(e.class(), Class::Unavailable, "{e:?}");
+        let seen = seen.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            (size / 4..size).contains(&seen),
+            "{seen} of {size} bytes opened before the body broke"
+        );
+        store.clear();
+        let f = tempfile::tempfile().unwrap();
+        let len = a
+            .fetch_into(&first, f.try_clone().unwrap(), None, Priority::Background)
+            .await
+            .unwrap();
+        assert_eq!(len, Some(size));
+        let mut back = vec![0u8; size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).unwrap();
+        assert!(back == segment(first.as_str(), SYSID, size));
     }
 
     #[tokio::test]
@@ -1897,7 +2070,7 @@ mod tests {
         assert!(e.to_string().contains("cluster"), "{e}");
         let f = tempfile::tempfile().unwrap();
         let e = keyed(a_store.clone(), &[1])
-            .fetch_into(&s2, f, None)
+            .fetch_into(&s2, f, None, Priority::Reader)
             .await
             .unwrap_err();
         assert_eq!(e.class(), Class::Damaged, "{e}");

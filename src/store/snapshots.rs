@@ -24,6 +24,7 @@
 //! (PostgreSQL stops replaying where the records stop being valid).
 
 use super::{Archive, Error, Obj, Plain};
+use crate::envelope::Priority;
 use crate::wal::{ArchiveName, FileKind};
 use futures::stream::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -138,7 +139,8 @@ impl Archive {
         s: &Snapshot,
         file: std::fs::File,
     ) -> Result<Option<u64>, Error> {
-        self.fetch_obj_into(&self.snapshot_obj(s), None, file).await
+        self.fetch_obj_into(&self.snapshot_obj(s), None, file, Priority::Reader)
+            .await
     }
 
     /// Deletes snapshots (gone already counts as deleted).
