@@ -110,6 +110,8 @@ pub struct Stats {
     /// Opens of segments that were not archived (lookups catch absence first, so this stays
     /// 0 unless a file vanishes between lookup and open).
     pub fetch_absent: AtomicU64,
+    /// Segments dropped once a server restoring them took them (see [`Cache::served_once`]).
+    pub served_once: AtomicU64,
 }
 
 impl Stats {
@@ -125,6 +127,7 @@ impl Stats {
             "prefetch_absent": g(&self.absent),
             "stall_seconds": g(&self.stall_us) as f64 / 1e6,
             "fetch_absent": g(&self.fetch_absent),
+            "dropped_after_serving": g(&self.served_once),
         })
     }
 }
@@ -502,6 +505,20 @@ impl Cache {
             self.read_ahead_after(name).await;
         }
         result
+    }
+
+    /// `name` was opened by a server restoring it (archive recovery or a standby), which
+    /// copies a segment into `pg_wal` once and does not ask for it again: it leaves the cache
+    /// now, and its file goes when the reader's handle does. So a recovery does not fill the
+    /// cache with segments nobody reads again, and the kernel drops their pages instead of
+    /// writing them back to disk. Anyone else's reads (an operator, a script, a second pass)
+    /// keep what they read cached.
+    pub async fn served_once(&self, name: &ArchiveName) {
+        if name.kind() != FileKind::Segment {
+            return;
+        }
+        self.files.invalidate(name).await;
+        self.stats.served_once.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Plans after a segment was opened and starts loading the plan in the background.

@@ -26,7 +26,7 @@
 
 use crate::backupfs::{self, BackupFs};
 use crate::cache::{Cache, CachedFile, LoadError};
-use crate::caller::Processes;
+use crate::caller::{Processes, Role};
 use crate::restore::{Policy, Refusal, Trouble};
 use crate::store::{Entry as Listed, Error as StoreError, PushOutcome};
 use crate::wal::{ArchiveName, FileKind};
@@ -702,6 +702,9 @@ impl Fs {
             // Gone between lookup and open (deleted meanwhile).
             return Err(FsError::NotFound);
         };
+        if matches!(self.procs.role(pid), Role::Recovery | Role::Standby) {
+            self.cache.served_once(&name).await;
+        }
         let mut st = self.state();
         let Some(n) = st.nodes.get_mut(&ino).filter(|n| n.writer.is_none()) else {
             return Err(FsError::Busy);
@@ -1115,7 +1118,7 @@ impl Fs {
 mod tests {
     use super::*;
     use crate::cache::CacheOptions;
-    use crate::caller::{FakeProcs, Role};
+    use crate::caller::FakeProcs;
     use crate::envelope::{Key, SealOptions};
     use crate::store::faults::{Fault, FaultyStore, Op};
     use crate::store::{test_segment, Archive};
@@ -1234,6 +1237,45 @@ mod tests {
             let r = self.fs.flush(fh, PID).await;
             self.fs.release(fh);
             r
+        }
+    }
+
+    /// A server restoring a segment copies it once: it leaves the cache as it is served
+    /// (its open handle keeps reading it whole), and only a later open loads it again.
+    /// Anyone else's read keeps it cached.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_segment_a_restoring_server_took_leaves_the_cache() {
+        let want = test_segment(SEG1, 7, 1 << 20);
+        for (role, dropped) in [
+            (Role::Recovery, true),
+            (Role::Standby, true),
+            (Role::Other, false),
+            (Role::Unknown, false),
+        ] {
+            let r = Rig::new(role, true, true).await;
+            let gets = r.store.calls(Op::Get);
+            let a = r.fs.lookup(ROOT, OsStr::new(SEG1), PID).await.unwrap();
+            let o = r.fs.open(a.ino, false, PID).await.unwrap();
+            let after_open = r.store.calls(Op::Get);
+            // The handle still reads every byte after the segment left the cache.
+            let data = r.fs.read_now(o.fh, 0, a.size as u32).unwrap();
+            assert!(data == want, "{role:?}: the bytes read");
+            r.fs.release(o.fh);
+            let stats = r.fs.cache.stats().to_json();
+            assert_eq!(
+                stats["dropped_after_serving"],
+                u64::from(dropped),
+                "{role:?}"
+            );
+            assert_eq!(r.cp_out(SEG1).await.unwrap(), want, "{role:?}");
+            // Loaded again from the store only when it was dropped.
+            let loads_again = r.store.calls(Op::Get) > after_open;
+            assert_eq!(
+                loads_again,
+                dropped,
+                "{role:?}: gets {gets} → {after_open} → {}",
+                r.store.calls(Op::Get)
+            );
         }
     }
 
@@ -1506,7 +1548,7 @@ mod tests {
 mod listing_tests {
     use super::*;
     use crate::cache::CacheOptions;
-    use crate::caller::{FakeProcs, Role};
+    use crate::caller::FakeProcs;
     use crate::envelope::SealOptions;
     use crate::store::{test_segment, Archive};
     use object_store::memory::InMemory;
