@@ -160,6 +160,9 @@ pub struct Cache {
     sizes: moka::sync::Cache<ArchiveName, u64>,
     serial: AtomicU64,
     readahead: Readahead,
+    /// The segment a restoring server took last: kept until it takes another (see
+    /// [`Cache::served_once`]).
+    last_served: Mutex<Option<ArchiveName>>,
     stats: Stats,
     stats_path: PathBuf,
     /// The spool `walfs receive` writes when it shares this cache directory.
@@ -262,6 +265,7 @@ impl Cache {
                 planned: Mutex::new(HashMap::new()),
                 prober: tokio::sync::Mutex::new(()),
             },
+            last_served: Mutex::new(None),
             stats: Stats::default(),
             stats_path: base.join("stats.json"),
             spool: Spool::at(&spool_dir(&base)),
@@ -508,17 +512,22 @@ impl Cache {
     }
 
     /// `name` was opened by a server restoring it (archive recovery or a standby), which
-    /// copies a segment into `pg_wal` once and does not ask for it again: it leaves the cache
-    /// now, and its file goes when the reader's handle does. So a recovery does not fill the
-    /// cache with segments nobody reads again, and the kernel drops their pages instead of
-    /// writing them back to disk. Anyone else's reads (an operator, a script, a second pass)
-    /// keep what they read cached.
+    /// copies a segment into `pg_wal` once and moves on: the segment it took before leaves the
+    /// cache now (its file goes when the last reader's handle does). So a recovery does not
+    /// fill the cache with segments nobody reads again, and the kernel drops their pages
+    /// instead of writing them back to disk. The newest one stays, for the server that asks
+    /// again for the segment it stopped in (a record continuing into one not archived yet),
+    /// and is served from here even if the store is down by then. Anyone else's reads (an
+    /// operator, a script, a second pass) keep what they read cached.
     pub async fn served_once(&self, name: &ArchiveName) {
         if name.kind() != FileKind::Segment {
             return;
         }
-        self.files.invalidate(name).await;
-        self.stats.served_once.fetch_add(1, Ordering::Relaxed);
+        let before = lock(&self.last_served).replace(name.clone());
+        if let Some(before) = before.filter(|b| b != name) {
+            self.files.invalidate(&before).await;
+            self.stats.served_once.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Plans after a segment was opened and starts loading the plan in the background.

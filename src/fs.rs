@@ -1240,12 +1240,13 @@ mod tests {
         }
     }
 
-    /// A server restoring a segment copies it once: it leaves the cache as it is served
-    /// (its open handle keeps reading it whole), and only a later open loads it again.
-    /// Anyone else's read keeps it cached.
+    /// A server restoring segments copies each once: the one it took before leaves the cache
+    /// when it takes the next (its open handle keeps reading it whole), and only a later open
+    /// loads it again; the newest stays cached. Anyone else's reads keep everything cached.
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_segment_a_restoring_server_took_leaves_the_cache() {
-        let want = test_segment(SEG1, 7, 1 << 20);
+    async fn a_segment_a_restoring_server_took_leaves_the_cache_once_it_moves_on() {
+        let want1 = test_segment(SEG1, 7, 1 << 20);
+        let want2 = test_segment(SEG2, 7, 1 << 20);
         for (role, dropped) in [
             (Role::Recovery, true),
             (Role::Standby, true),
@@ -1253,13 +1254,26 @@ mod tests {
             (Role::Unknown, false),
         ] {
             let r = Rig::new(role, true, true).await;
-            let gets = r.store.calls(Op::Get);
+            let n2 = ArchiveName::parse(SEG2).unwrap();
+            r.fs.cache.archive().push(&n2, want2.clone()).await.unwrap();
             let a = r.fs.lookup(ROOT, OsStr::new(SEG1), PID).await.unwrap();
             let o = r.fs.open(a.ino, false, PID).await.unwrap();
-            let after_open = r.store.calls(Op::Get);
-            // The handle still reads every byte after the segment left the cache.
+            // The server asks again for the segment it is in: still cached.
+            assert_eq!(r.cp_out(SEG1).await.unwrap(), want1, "{role:?}");
+            let gets = r.store.calls(Op::Get);
+            assert_eq!(r.cp_out(SEG1).await.unwrap(), want1, "{role:?}");
+            assert_eq!(
+                r.store.calls(Op::Get),
+                gets,
+                "{role:?}: the newest stays cached"
+            );
+            // It moves on: the one before leaves the cache; the open handle still reads it.
+            assert_eq!(r.cp_out(SEG2).await.unwrap(), want2, "{role:?}");
             let data = r.fs.read_now(o.fh, 0, a.size as u32).unwrap();
-            assert!(data == want, "{role:?}: the bytes read");
+            assert!(
+                data == want1,
+                "{role:?}: the bytes read through the open handle"
+            );
             r.fs.release(o.fh);
             let stats = r.fs.cache.stats().to_json();
             assert_eq!(
@@ -1267,14 +1281,12 @@ mod tests {
                 u64::from(dropped),
                 "{role:?}"
             );
-            assert_eq!(r.cp_out(SEG1).await.unwrap(), want, "{role:?}");
-            // Loaded again from the store only when it was dropped.
-            let loads_again = r.store.calls(Op::Get) > after_open;
+            let gets = r.store.calls(Op::Get);
+            assert_eq!(r.cp_out(SEG1).await.unwrap(), want1, "{role:?}");
+            let loads_again = r.store.calls(Op::Get) > gets;
             assert_eq!(
-                loads_again,
-                dropped,
-                "{role:?}: gets {gets} → {after_open} → {}",
-                r.store.calls(Op::Get)
+                loads_again, dropped,
+                "{role:?}: loaded again only once dropped"
             );
         }
     }
