@@ -468,6 +468,8 @@ struct Ctx {
     /// pgBackRest: config file (repo owned by postgres, every segment pushed).
     br_conf: PathBuf,
     br_repo: PathBuf,
+    /// The same, encrypted (aes-256-cbc).
+    br_conf_cipher: PathBuf,
     queue_max: String,
     prefetch_flags: bool,
 }
@@ -484,8 +486,12 @@ impl Ctx {
     }
 
     fn pgbackrest(&self) -> Command {
+        self.pgbackrest_with(&self.br_conf)
+    }
+
+    fn pgbackrest_with(&self, conf: &Path) -> Command {
         let mut c = Command::new("pgbackrest");
-        c.arg(format!("--config={}", self.br_conf.display()))
+        c.arg(format!("--config={}", conf.display()))
             .arg(format!("--stanza={STANZA}"));
         c
     }
@@ -680,20 +686,25 @@ fn wait_pgbackrest_idle(lock_dir: &Path) {
     }
 }
 
-fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool) -> Sample {
+fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool) -> Sample {
     let dir = ctx.run_dir(
-        if async_ {
-            "restore-br-async"
-        } else {
-            "restore-br"
-        },
+        &format!(
+            "restore-br{}{}",
+            if async_ { "-async" } else { "" },
+            if cipher { "-cipher" } else { "" }
+        ),
         run,
     );
+    let conf = if cipher {
+        &ctx.br_conf_cipher
+    } else {
+        &ctx.br_conf
+    };
     let dest = fresh_dir(&dir.join("dest"));
     let lock = fresh_dir(&dir.join("lock"));
     let spool = fresh_dir(&dir.join("spool"));
     let secs = timed_loop(ctx, &dest, |s, d| {
-        let mut c = ctx.pgbackrest();
+        let mut c = ctx.pgbackrest_with(conf);
         c.arg(format!("--lock-path={}", lock.display()));
         if async_ {
             c.arg("--archive-async")
@@ -1110,14 +1121,26 @@ fn recovery_mount(ctx: &Ctx, spec: &MountSpec, label: &str, tag: &str, run: usiz
     s
 }
 
-fn recovery_pgbackrest(ctx: &Ctx, run: usize) -> Sample {
-    let dir = ctx.run_dir("recover-br", run);
+fn recovery_pgbackrest(ctx: &Ctx, run: usize, cipher: bool) -> Sample {
+    let dir = ctx.run_dir(
+        if cipher {
+            "recover-br-cipher"
+        } else {
+            "recover-br"
+        },
+        run,
+    );
+    let conf = if cipher {
+        &ctx.br_conf_cipher
+    } else {
+        &ctx.br_conf
+    };
     let lock = postgres_dir(&dir.join("lock"));
     let spool = postgres_dir(&dir.join("spool"));
     let cmd = format!(
         "pgbackrest --config={} --stanza={STANZA} --pg1-path={} --lock-path={} --spool-path={} \
          --archive-async --archive-get-queue-max={} --process-max=2 archive-get %f \"%p\"",
-        ctx.br_conf.display(),
+        conf.display(),
         dir.join("data").display(),
         lock.display(),
         spool.display(),
@@ -1151,8 +1174,14 @@ fn push_all(
     }
 }
 
-fn setup_pgbackrest(root: &Path, wal: &WalSet) -> (PathBuf, PathBuf) {
-    let dir = postgres_dir(&root.join("pgbackrest"));
+/// A pgBackRest repo with every segment pushed; `cipher`: encrypted (aes-256-cbc), as walfs with
+/// a key is.
+fn setup_pgbackrest(root: &Path, wal: &WalSet, cipher: bool) -> (PathBuf, PathBuf) {
+    let dir = postgres_dir(&root.join(if cipher {
+        "pgbackrest-cipher"
+    } else {
+        "pgbackrest"
+    }));
     let repo = postgres_dir(&dir.join("repo"));
     let lock = postgres_dir(&dir.join("lock"));
     let conf = dir.join("pgbackrest.conf");
@@ -1160,10 +1189,15 @@ fn setup_pgbackrest(root: &Path, wal: &WalSet) -> (PathBuf, PathBuf) {
         &conf,
         format!(
             "[global]\nrepo1-path={}\nlock-path={}\nlog-path={}\nlog-level-file=off\nlog-level-console=warn\n\
-             compress-type=zst\n\n[{STANZA}]\npg1-path={}\n",
+             compress-type=zst\n{}\n[{STANZA}]\npg1-path={}\n",
             repo.display(),
             lock.display(),
             lock.display(),
+            if cipher {
+                "repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=walfs-bench-not-a-secret\n"
+            } else {
+                ""
+            },
             wal.fake_pg.display()
         ),
     )
@@ -1462,7 +1496,9 @@ fn main() {
         }
     }
     progress("setup: pgBackRest stanza and archive-push (zst) into a local repo");
-    let (br_conf, br_repo) = setup_pgbackrest(&root, &wal);
+    let (br_conf, br_repo) = setup_pgbackrest(&root, &wal, false);
+    progress("setup: the same, encrypted (aes-256-cbc), into a second repo");
+    let (br_conf_cipher, _) = setup_pgbackrest(&root, &wal, true);
     let setup_secs = t_setup.elapsed().as_secs_f64();
     progress(&format!("setup took {setup_secs:.0} s"));
 
@@ -1477,6 +1513,7 @@ fn main() {
         proxy,
         br_conf,
         br_repo,
+        br_conf_cipher,
         queue_max: format!("{}MiB", (n as u64 * SEG_MIB * 2).max(1024)),
         prefetch_flags,
         wal,
@@ -1570,13 +1607,19 @@ fn main() {
         1,
         "`pgbackrest archive-get`, zst, local repo",
         Kind::Loop,
-        move |r| restore_pgbackrest(c, r, false),
+        move |r| restore_pgbackrest(c, r, false, false),
     ));
     rows.push(row(
         1,
         "`pgbackrest archive-get`, zst, local repo, archive-async (process-max=2)",
         Kind::Loop,
-        move |r| restore_pgbackrest(c, r, true),
+        move |r| restore_pgbackrest(c, r, true, false),
+    ));
+    rows.push(row(
+        1,
+        "… with aes-256-cbc (as walfs with a key)",
+        Kind::Loop,
+        move |r| restore_pgbackrest(c, r, true, true),
     ));
 
     // 2. end-to-end recovery
@@ -1608,7 +1651,13 @@ fn main() {
         2,
         "`pgbackrest archive-get`, zst, archive-async (process-max=2)",
         Kind::Recovery,
-        move |r| recovery_pgbackrest(c, r),
+        move |r| recovery_pgbackrest(c, r, false),
+    ));
+    rows.push(row(
+        2,
+        "… with aes-256-cbc (as walfs with a key)",
+        Kind::Recovery,
+        move |r| recovery_pgbackrest(c, r, true),
     ));
 
     // 3. archive throughput
