@@ -611,34 +611,27 @@ fn restore_plain_cp(ctx: &Ctx, run: usize) -> Sample {
     }
 }
 
-fn restore_mount(ctx: &Ctx, spec: &MountSpec, label: &str, tag: &str, run: usize) -> Sample {
+/// `cp` of every segment out of a fresh mount, timed. `warm`: timed on a second pass, after every
+/// segment was read once (untimed), so the mount serves its cache: through kernel passthrough,
+/// or by its own reads without it.
+fn restore_mount(
+    ctx: &Ctx,
+    spec: &MountSpec,
+    label: &str,
+    tag: &str,
+    run: usize,
+    warm: bool,
+) -> Sample {
     let dir = ctx.run_dir(tag, run);
     let dest = fresh_dir(&dir.join("dest"));
     let m = spec.start(ctx, &dir);
-    let secs = timed_loop(ctx, &dest, |s, d| {
-        cp(&m.file(s), &d.join(s), &|| m.log_tail(30))
-    });
-    let mut sample = Sample {
-        secs,
-        ..Default::default()
-    };
-    finish_mount(ctx, m, label, run, &mut sample);
-    ctx.verify_restored(&dest, label);
-    remove(&dir);
-    sample
-}
-
-/// [`restore_mount`] timed on a second pass: every segment was read once before (untimed), so
-/// the mount serves its cache: through kernel passthrough, or by its own reads without it.
-fn restore_mount_warm(ctx: &Ctx, spec: &MountSpec, label: &str, tag: &str, run: usize) -> Sample {
-    let dir = ctx.run_dir(tag, run);
-    let first = fresh_dir(&dir.join("first"));
-    let dest = fresh_dir(&dir.join("dest"));
-    let m = spec.start(ctx, &dir);
-    for s in &ctx.wal.segments {
-        cp(&m.file(s), &first.join(s), &|| m.log_tail(30));
+    if warm {
+        let first = fresh_dir(&dir.join("first"));
+        for s in &ctx.wal.segments {
+            cp(&m.file(s), &first.join(s), &|| m.log_tail(30));
+        }
+        remove(&first);
     }
-    remove(&first);
     let secs = timed_loop(ctx, &dest, |s, d| {
         cp(&m.file(s), &d.join(s), &|| m.log_tail(30))
     });
@@ -1292,7 +1285,7 @@ fn mount_row<'a>(
         })
     } else {
         row(section, label, kind, move |run| {
-            restore_mount(c, &sp, &label_s, &tag_s, run)
+            restore_mount(c, &sp, &label_s, &tag_s, run, false)
         })
     };
     r.mount = true;
@@ -1595,7 +1588,7 @@ fn main() {
         };
         let l = label.clone();
         let mut w = row(1, &label, Kind::Loop, move |r| {
-            restore_mount_warm(c, &sp, &l, tag, r)
+            restore_mount(c, &sp, &l, tag, r, true)
         });
         w.mount = true;
         rows.push(w);
