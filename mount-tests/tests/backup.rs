@@ -290,10 +290,15 @@ fn an_interrupted_backup_is_never_used_and_a_damaged_one_fails_restore_loudly() 
                     .unwrap_or(false)
             })
     });
-    // Its progress is in its metrics while it runs.
-    let streamed = scrape(progress_port)
-        .and_then(|t| metric(&t, "walfs_backup_streamed_bytes"))
-        .unwrap_or(0.0);
+    // Its progress is in its metrics while it runs (published once a second: the figure may
+    // trail the chunks already stored by a second's worth).
+    let mut streamed = 0.0;
+    poll_until(Duration::from_secs(10), || {
+        streamed = scrape(progress_port)
+            .and_then(|t| metric(&t, "walfs_backup_streamed_bytes"))
+            .unwrap_or(0.0);
+        streamed >= 256.0 * 1024.0
+    });
     let still_running = child.try_wait().expect("try_wait").is_none();
     child.kill().expect("kill -9 the backup");
     let _ = child.wait();
