@@ -53,6 +53,12 @@ const FRAME_LEN: usize = 4;
 /// No file PostgreSQL archives is larger than the largest segment.
 pub const MAX_PLAINTEXT: u64 = 1 << 30;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// The chunk sizes a header may claim. walfs has only ever written [`DEFAULT_CHUNK_SIZE`]
+/// (tests write 4096). The header is authenticated only when chunk 0 opens, so this bound is
+/// what caps the memory a forged header can make a reader spend before it is refused: one
+/// chunk per opening thread and per queued record.
+const MIN_CHUNK_SIZE: u32 = 4096;
+const MAX_CHUNK_SIZE: u32 = DEFAULT_CHUNK_SIZE;
 const KIND_RAW: u8 = 0;
 const KIND_ZSTD: u8 = 1;
 
@@ -313,7 +319,7 @@ impl Header {
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let chunk_size = u32_at(12);
-        if !(4096..=(64 << 20)).contains(&chunk_size) {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(corrupt(format!("implausible chunk size {chunk_size}")));
         }
         let mut b8 = [0u8; 8];
@@ -780,7 +786,7 @@ fn header_len(prefix: &[u8]) -> Result<Option<usize>, OpenError> {
 /// The sealed length of record `i` at the start of `buf`, once its frame is there (None: not
 /// yet). A length chunk `i` cannot seal to is refused before anything waits for its bytes, so
 /// a hostile frame cannot make a reader buffer more than that chunk (whose size the header
-/// claims: at most 64 MiB, 1 MiB as walfs writes WAL).
+/// claims: at most [`MAX_CHUNK_SIZE`]).
 fn record_len(buf: &[u8], header: &Header, i: usize) -> Result<Option<usize>, OpenError> {
     let Some(frame) = buf.get(..FRAME_LEN) else {
         return Ok(None);
@@ -1298,6 +1304,19 @@ mod tests {
             f.push(&huge, &mut out),
             Err(OpenError::Corrupt(_))
         ));
+        // A header claiming chunks larger than walfs writes (which would let a forged object
+        // make the reader hold that much per queued record before chunk 0 fails): refused with
+        // the header, before any record. The largest size walfs writes is accepted.
+        for (size, ok) in [
+            (MAX_CHUNK_SIZE, true),
+            (MAX_CHUNK_SIZE + 1, false),
+            (64 << 20, false),
+        ] {
+            let mut h = obj[..V2_HEADER_LEN].to_vec();
+            h[12..16].copy_from_slice(&size.to_le_bytes());
+            let mut f = Framer::default();
+            assert_eq!(f.push(&h, &mut out).is_ok(), ok, "chunk size {size}");
+        }
         // Bytes after the last record: refused when they arrive, not at the end.
         let mut f = Framer::default();
         f.push(&obj, &mut out).unwrap();

@@ -702,7 +702,10 @@ impl Fs {
             // Gone between lookup and open (deleted meanwhile).
             return Err(FsError::NotFound);
         };
-        if matches!(self.procs.role(pid), Role::Recovery | Role::Standby) {
+        // Only a segment is dropped once served: ask /proc who reads only for those.
+        if name.kind() == FileKind::Segment
+            && matches!(self.procs.role(pid), Role::Recovery | Role::Standby)
+        {
             self.cache.served_once(&name).await;
         }
         let mut st = self.state();
