@@ -42,11 +42,31 @@ impl WalfsMount {
         mount_args: &[String],
         env: &[(String, String)],
     ) -> WalfsMount {
+        Self::start_as(dir, args, mount_args, env, None)
+    }
+
+    /// Like [`start_with`](Self::start_with); `user` (uid, gid): run the mount as that user, a
+    /// non-root mount (through fusermount3, without `--allow-other`, so only that user reads
+    /// it, and without kernel passthrough, which needs root). `dir` is given to that user.
+    pub fn start_as(
+        dir: &Path,
+        args: &[String],
+        mount_args: &[String],
+        env: &[(String, String)],
+        user: Option<(u32, u32)>,
+    ) -> WalfsMount {
         let mountpoint = dir.join("mnt");
         std::fs::create_dir_all(&mountpoint).expect("create mountpoint");
         let log = dir.join(format!("walfs-mount-{}.log", std::process::id()));
         let logf = std::fs::File::create(&log).expect("create mount log");
         let mut cmd = Command::new(walfs_bin());
+        if let Some((uid, gid)) = user {
+            use std::os::unix::process::CommandExt;
+            for p in [dir, mountpoint.as_path()] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown the mount's dir");
+            }
+            cmd.uid(uid).gid(gid);
+        }
         cmd.env("WALFS_CONFIG", "/dev/null")
             .env_remove("WALFS_ARCHIVE")
             .env_remove("WALFS_KEY_FILE")
@@ -57,7 +77,12 @@ impl WalfsMount {
             .arg(dir.join("cache"))
             .arg("mount")
             .arg(&mountpoint)
-            .args(["--allow-other", "--uid", "postgres", "--gid", "postgres"])
+            .args(if user.is_some() {
+                &[][..]
+            } else {
+                &["--allow-other"][..]
+            })
+            .args(["--uid", "postgres", "--gid", "postgres"])
             .args(mount_args)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log fd"))

@@ -23,11 +23,17 @@
 //!   segments (from the backup's start segment on), so a recovery of the base backup replays all of them.
 //! - Section 1, restore throughput: one `cp SRC/%f DEST` (or `walfs fetch`, `pgbackrest archive-get`) per
 //!   segment, in order, one process after another, as a restore_command runs. Every mount row is a fresh
-//!   mount with an empty cache dir (cold), read-ahead at its defaults unless the row says otherwise.
+//!   mount with an empty cache dir (cold), read-ahead at its defaults unless the row says otherwise; the
+//!   warm rows time a second pass. Mounts run as root with `--allow-other` (the deployed way), except the
+//!   rows "run by the postgres user": a non-root mount (no passthrough), read by `cp` as postgres. Those
+//!   are skipped where postgres cannot open /dev/fuse (Debian's mode is 0666; some containers make it 0600).
 //! - Section 2, end-to-end recovery: wall time from `pg_ctl start` until `pg_is_in_recovery()` is false, and the
 //!   walfs mount's peak RSS (VmHWM) meanwhile.
-//! - Section 3, archive throughput: one `cp SEG DEST/` per segment into a directory, into the mount; `walfs push`,
-//!   `pgbackrest archive-push`.
+//! - Section 3, archive throughput: one `cp SEG DEST/` per segment into a directory (and with `sync` of the
+//!   copy), into the mount with and without a key; `walfs push`; `pgbackrest archive-push`, sync and async,
+//!   with and without aes-256-cbc.
+//!
+//! Loops report the 95th percentile of one call beside the total; mount rows the mount's peak RSS.
 //! - Section 4, latency: the S3 backend behind a TCP proxy that delays every request (20 ms, and 50 ms unless
 //!   `--quick`): restore loop through the mount with read-ahead off and on, and a recovery.
 //!
@@ -459,6 +465,8 @@ struct Ctx {
     walfs: PathBuf,
     wal: WalSet,
     key: PathBuf,
+    /// A copy of `key` owned by postgres (mode 0600), for a mount run by that user.
+    key_postgres: PathBuf,
     /// Local walfs archives with every segment: without and with the key.
     local_plain: PathBuf,
     local_key: PathBuf,
@@ -485,8 +493,13 @@ impl Ctx {
         c
     }
 
-    fn pgbackrest(&self) -> Command {
-        self.pgbackrest_with(&self.br_conf)
+    /// pgBackRest's config: with aes-256-cbc (`cipher`) or without.
+    fn br_conf_for(&self, cipher: bool) -> &Path {
+        if cipher {
+            &self.br_conf_cipher
+        } else {
+            &self.br_conf
+        }
     }
 
     fn pgbackrest_with(&self, conf: &Path) -> Command {
@@ -511,6 +524,17 @@ impl Ctx {
             v.extend(["--key-file".to_string(), self.key.display().to_string()]);
         }
         v
+    }
+
+    /// [`local_args`](Self::local_args) with a key for a mount run by the postgres user: the
+    /// key's copy it owns (walfs refuses a key file others may read).
+    fn local_args_postgres(&self) -> Vec<String> {
+        vec![
+            "--archive".to_string(),
+            format!("file://{}", self.local_key.display()),
+            "--key-file".to_string(),
+            self.key_postgres.display().to_string(),
+        ]
     }
 
     fn s3_args(&self, key: bool) -> Vec<String> {
@@ -544,6 +568,9 @@ struct MountSpec {
     mount_args: Vec<String>,
     env: Vec<(String, String)>,
     latency: Option<Duration>,
+    /// Run the mount as this user (uid, gid), as a non-root mount, and read it as that user;
+    /// None: as root with `--allow-other`, the deployed way.
+    user: Option<(u32, u32)>,
 }
 
 impl MountSpec {
@@ -551,7 +578,7 @@ impl MountSpec {
         ctx.proxy.set_latency(self.latency.unwrap_or_default());
         let mut env = self.env.clone();
         env.push(("WALFS_LOG".into(), "warn,fuser=error".into()));
-        WalfsMount::start_with(dir, &self.args, &self.mount_args, &env)
+        WalfsMount::start_as(dir, &self.args, &self.mount_args, &env, self.user)
     }
 }
 
@@ -559,6 +586,8 @@ impl MountSpec {
 #[derive(Default)]
 struct Sample {
     secs: f64,
+    /// Loops: the 95th percentile of one call, in ms.
+    p95_ms: Option<f64>,
     rss_kib: Option<u64>,
     stats: Option<String>,
     note: Option<String>,
@@ -583,32 +612,71 @@ fn finish_mount(ctx: &Ctx, mut m: WalfsMount, label: &str, run: usize, s: &mut S
 // Measurements
 // ---------------------------------------------------------------------------------------------------------
 
-/// Times `per_segment(name, dest_dir)` over every segment, in order, one after another.
-fn timed_loop(ctx: &Ctx, dest: &Path, mut per_segment: impl FnMut(&str, &Path)) -> f64 {
+/// Times `per_segment(name, dest_dir)` over every segment, in order, one after another: the
+/// whole loop and the 95th percentile of one call.
+fn timed_loop(ctx: &Ctx, dest: &Path, mut per_segment: impl FnMut(&str, &Path)) -> Sample {
     sync();
+    let mut calls = Vec::with_capacity(ctx.wal.segments.len());
     let t0 = Instant::now();
     for s in &ctx.wal.segments {
+        let t = Instant::now();
         per_segment(s, dest);
+        calls.push(t.elapsed().as_secs_f64());
     }
-    t0.elapsed().as_secs_f64()
+    let secs = t0.elapsed().as_secs_f64();
+    Sample {
+        secs,
+        p95_ms: Some(1000.0 * percentile(&mut calls, 0.95)),
+        ..Default::default()
+    }
+}
+
+/// The `q` quantile of `v` (nearest rank; 0 when empty).
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied().unwrap_or(0.0)
 }
 
 fn cp(src: &Path, dst: &Path, context: &dyn Fn() -> String) {
-    must(Command::new("cp").arg(src).arg(dst), context);
+    cp_as(src, dst, None, context);
+}
+
+/// `cp SRC DST` as `user` (uid, gid) if given: set in the child, as PostgreSQL's own processes
+/// are, without runuser's session cost.
+fn cp_as(src: &Path, dst: &Path, user: Option<(u32, u32)>, context: &dyn Fn() -> String) {
+    must(
+        as_user(&mut Command::new("cp"), user).arg(src).arg(dst),
+        context,
+    );
+}
+
+fn as_user(c: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    if let Some((uid, gid)) = user {
+        c.uid(uid).gid(gid);
+    }
+    c
+}
+
+/// `mkdir` of a fresh `p`, owned by `user` if given.
+fn fresh_dir_for(p: &Path, user: Option<(u32, u32)>) -> PathBuf {
+    let d = fresh_dir(p);
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&d, Some(uid), Some(gid)).expect("chown");
+    }
+    d
 }
 
 fn restore_plain_cp(ctx: &Ctx, run: usize) -> Sample {
     let dir = ctx.run_dir("restore-cp", run);
     let dest = fresh_dir(&dir.join("dest"));
-    let secs = timed_loop(ctx, &dest, |s, d| {
+    let timed = timed_loop(ctx, &dest, |s, d| {
         cp(&ctx.wal.dir.join(s), &d.join(s), &no_context)
     });
     ctx.verify_restored(&dest, "cp");
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
 /// `cp` of every segment out of a fresh mount, timed. `warm`: timed on a second pass, after every
@@ -623,22 +691,19 @@ fn restore_mount(
     warm: bool,
 ) -> Sample {
     let dir = ctx.run_dir(tag, run);
-    let dest = fresh_dir(&dir.join("dest"));
+    let dest = fresh_dir_for(&dir.join("dest"), spec.user);
     let m = spec.start(ctx, &dir);
     if warm {
-        let first = fresh_dir(&dir.join("first"));
+        let first = fresh_dir_for(&dir.join("first"), spec.user);
         for s in &ctx.wal.segments {
-            cp(&m.file(s), &first.join(s), &|| m.log_tail(30));
+            cp_as(&m.file(s), &first.join(s), spec.user, &|| m.log_tail(30));
         }
         remove(&first);
     }
-    let secs = timed_loop(ctx, &dest, |s, d| {
-        cp(&m.file(s), &d.join(s), &|| m.log_tail(30))
+    let timed = timed_loop(ctx, &dest, |s, d| {
+        cp_as(&m.file(s), &d.join(s), spec.user, &|| m.log_tail(30))
     });
-    let mut sample = Sample {
-        secs,
-        ..Default::default()
-    };
+    let mut sample = timed;
     finish_mount(ctx, m, label, run, &mut sample);
     ctx.verify_restored(&dest, label);
     remove(&dir);
@@ -649,7 +714,7 @@ fn restore_walfs_fetch(ctx: &Ctx, run: usize) -> Sample {
     let dir = ctx.run_dir("restore-fetch", run);
     let dest = fresh_dir(&dir.join("dest"));
     let args = ctx.local_args(true);
-    let secs = timed_loop(ctx, &dest, |s, d| {
+    let timed = timed_loop(ctx, &dest, |s, d| {
         must(
             ctx.walfs().args(&args).arg("fetch").arg(s).arg(d.join(s)),
             &no_context,
@@ -657,10 +722,7 @@ fn restore_walfs_fetch(ctx: &Ctx, run: usize) -> Sample {
     });
     ctx.verify_restored(&dest, "walfs fetch");
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
 /// Waits (bounded) until pgBackRest's async process let go of its lock files in `lock_dir`.
@@ -688,15 +750,11 @@ fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool) -> Samp
         ),
         run,
     );
-    let conf = if cipher {
-        &ctx.br_conf_cipher
-    } else {
-        &ctx.br_conf
-    };
+    let conf = ctx.br_conf_for(cipher);
     let dest = fresh_dir(&dir.join("dest"));
     let lock = fresh_dir(&dir.join("lock"));
     let spool = fresh_dir(&dir.join("spool"));
-    let secs = timed_loop(ctx, &dest, |s, d| {
+    let timed = timed_loop(ctx, &dest, |s, d| {
         let mut c = ctx.pgbackrest_with(conf);
         c.arg(format!("--lock-path={}", lock.display()));
         if async_ {
@@ -710,50 +768,53 @@ fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool) -> Samp
     wait_pgbackrest_idle(&lock);
     ctx.verify_restored(&dest, "pgbackrest archive-get");
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
 // --- archive ---------------------------------------------------------------------------------------------
 
-fn archive_plain_cp(ctx: &Ctx, run: usize) -> Sample {
-    let dir = ctx.run_dir("archive-cp", run);
+/// `fsync`: `cp %p DIR/%f && sync DIR/%f`, a `cp` that makes the copy durable as an archive
+/// must.
+fn archive_plain_cp(ctx: &Ctx, run: usize, fsync: bool) -> Sample {
+    let dir = ctx.run_dir(
+        if fsync {
+            "archive-cp-sync"
+        } else {
+            "archive-cp"
+        },
+        run,
+    );
     let dest = fresh_dir(&dir.join("dest"));
-    let secs = timed_loop(ctx, &dest, |s, d| {
-        cp(&ctx.wal.dir.join(s), &d.join(s), &no_context)
+    let timed = timed_loop(ctx, &dest, |s, d| {
+        cp(&ctx.wal.dir.join(s), &d.join(s), &no_context);
+        if fsync {
+            must(Command::new("sync").arg(d.join(s)), &no_context);
+        }
     });
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
-fn archive_mount(ctx: &Ctx, run: usize) -> Sample {
+fn archive_mount(ctx: &Ctx, run: usize, key: bool) -> Sample {
     let label = "cp into the mount";
-    let dir = ctx.run_dir("archive-mount", run);
+    let dir = ctx.run_dir(&format!("archive-mount-{key}"), run);
     let archive = dir.join("archive");
+    let mut args = vec!["--archive".into(), format!("file://{}", archive.display())];
+    if key {
+        args.extend(["--key-file".into(), ctx.key.display().to_string()]);
+    }
     let spec = MountSpec {
-        args: vec![
-            "--archive".into(),
-            format!("file://{}", archive.display()),
-            "--key-file".into(),
-            ctx.key.display().to_string(),
-        ],
+        args,
         mount_args: vec![],
         env: vec![],
         latency: None,
+        user: None,
     };
     let m = spec.start(ctx, &dir);
-    let secs = timed_loop(ctx, m.path(), |s, d| {
+    let timed = timed_loop(ctx, m.path(), |s, d| {
         cp(&ctx.wal.dir.join(s), &d.join(s), &|| m.log_tail(30))
     });
-    let mut sample = Sample {
-        secs,
-        ..Default::default()
-    };
+    let mut sample = timed;
     finish_mount(ctx, m, label, run, &mut sample);
     let stored = count_files(&archive.join("wal"));
     assert_eq!(
@@ -778,7 +839,7 @@ fn archive_walfs_push(ctx: &Ctx, run: usize) -> Sample {
         "--key-file".into(),
         ctx.key.display().to_string(),
     ];
-    let secs = timed_loop(ctx, &dir, |s, _| {
+    let timed = timed_loop(ctx, &dir, |s, _| {
         must(
             ctx.walfs().args(&args).arg("push").arg(ctx.wal.dir.join(s)),
             &no_context,
@@ -791,25 +852,24 @@ fn archive_walfs_push(ctx: &Ctx, run: usize) -> Sample {
         "walfs push: {stored} objects in the archive"
     );
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
-fn archive_pgbackrest(ctx: &Ctx, run: usize) -> Sample {
-    let dir = ctx.run_dir("archive-br", run);
+/// `cipher`: into a repo encrypted with aes-256-cbc.
+fn archive_pgbackrest(ctx: &Ctx, run: usize, cipher: bool) -> Sample {
+    let dir = ctx.run_dir(&format!("archive-br-{cipher}"), run);
+    let conf = ctx.br_conf_for(cipher);
     let repo = fresh_dir(&dir.join("repo"));
     let lock = fresh_dir(&dir.join("lock"));
     let br = |c: &mut Command| {
         c.arg(format!("--repo1-path={}", repo.display()))
             .arg(format!("--lock-path={}", lock.display()));
     };
-    let mut c = ctx.pgbackrest();
+    let mut c = ctx.pgbackrest_with(conf);
     br(&mut c);
     must(c.args(["stanza-create", "--no-online"]), &no_context);
-    let secs = timed_loop(ctx, &dir, |s, _| {
-        let mut c = ctx.pgbackrest();
+    let timed = timed_loop(ctx, &dir, |s, _| {
+        let mut c = ctx.pgbackrest_with(conf);
         br(&mut c);
         must(c.arg("archive-push").arg(ctx.wal.dir.join(s)), &no_context);
     });
@@ -820,10 +880,7 @@ fn archive_pgbackrest(ctx: &Ctx, run: usize) -> Sample {
         "pgbackrest archive-push: {stored} files in the repo"
     );
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
 /// A data directory as PostgreSQL's archiver sees it: pgBackRest's pg1-path files, every
@@ -875,11 +932,17 @@ fn mark_done(data: &Path, s: &str) {
 /// after another, every one marked ready beforehand (archive-ahead's case).
 /// `latency`: into a fresh prefix of the S3 bucket behind the proxy that delays every request
 /// by it; else into a fresh local archive.
-fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool, latency: Option<Duration>) -> Sample {
+fn archive_mount_ready(
+    ctx: &Ctx,
+    run: usize,
+    ahead: bool,
+    latency: Option<Duration>,
+    key: bool,
+) -> Sample {
     let label = "cp into the mount from a data directory";
     let tag = match latency {
-        Some(l) => format!("archive-ready-s3-{}ms-{ahead}", l.as_millis()),
-        None => format!("archive-ready-{ahead}"),
+        Some(l) => format!("archive-ready-s3-{}ms-{ahead}-{key}", l.as_millis()),
+        None => format!("archive-ready-{ahead}-{key}"),
     };
     let dir = ctx.run_dir(&tag, run);
     let archive = dir.join("archive");
@@ -888,13 +951,12 @@ fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool, latency: Option<Durat
         Some(_) => format!("s3://{BUCKET}/{tag}-{run}"),
         None => format!("file://{}", archive.display()),
     };
+    let mut args = vec!["--archive".to_string(), url.clone()];
+    if key {
+        args.extend(["--key-file".into(), ctx.key.display().to_string()]);
+    }
     let spec = MountSpec {
-        args: vec![
-            "--archive".into(),
-            url.clone(),
-            "--key-file".into(),
-            ctx.key.display().to_string(),
-        ],
+        args: args.clone(),
         mount_args: vec![format!("--archive-ahead={ahead}")],
         env: if latency.is_some() {
             ctx.proxy_env.clone()
@@ -902,34 +964,28 @@ fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool, latency: Option<Durat
             vec![]
         },
         latency,
+        user: None,
     };
     let m = spec.start(ctx, &dir);
     // As PostgreSQL's archiver: the postgres user (set in the child, as PostgreSQL's own
     // processes are, without runuser's session cost), in its data directory.
-    let (uid, gid) = postgres_ids();
-    let secs = timed_loop(ctx, m.path(), |s, d| {
+    let pg = Some(postgres_ids());
+    let timed = timed_loop(ctx, m.path(), |s, d| {
         must(
-            std::os::unix::process::CommandExt::gid(
-                std::os::unix::process::CommandExt::uid(&mut Command::new("cp"), uid),
-                gid,
-            )
-            .current_dir(&data)
-            .arg(format!("pg_wal/{s}"))
-            .arg(d.join(s)),
+            as_user(&mut Command::new("cp"), pg)
+                .current_dir(&data)
+                .arg(format!("pg_wal/{s}"))
+                .arg(d.join(s)),
             &|| m.log_tail(30),
         );
         mark_done(&data, s);
     });
-    let mut sample = Sample {
-        secs,
-        ..Default::default()
-    };
+    let mut sample = timed;
     finish_mount(ctx, m, label, run, &mut sample);
     let listed = sh_ok(
         ctx.walfs()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .args(["--archive", &url, "--key-file"])
-            .arg(&ctx.key)
+            .args(&args)
             .arg("ls"),
     );
     let stored = stdout_str(&listed).lines().count();
@@ -944,8 +1000,9 @@ fn archive_mount_ready(ctx: &Ctx, run: usize, ahead: bool, latency: Option<Durat
 
 /// `pgbackrest archive-push --archive-async` as PostgreSQL's archiver runs it (the async
 /// process pushes every ready segment, process-max 2, while the loop goes on).
-fn archive_pgbackrest_async(ctx: &Ctx, run: usize) -> Sample {
-    let dir = ctx.run_dir("archive-br-async", run);
+fn archive_pgbackrest_async(ctx: &Ctx, run: usize, cipher: bool) -> Sample {
+    let dir = ctx.run_dir(&format!("archive-br-async-{cipher}"), run);
+    let conf = ctx.br_conf_for(cipher);
     let repo = fresh_dir(&dir.join("repo"));
     let lock = fresh_dir(&dir.join("lock"));
     let spool = fresh_dir(&dir.join("spool"));
@@ -955,11 +1012,11 @@ fn archive_pgbackrest_async(ctx: &Ctx, run: usize) -> Sample {
             .arg(format!("--lock-path={}", lock.display()))
             .arg(format!("--pg1-path={}", data.display()));
     };
-    let mut c = ctx.pgbackrest();
+    let mut c = ctx.pgbackrest_with(conf);
     br(&mut c);
     must(c.args(["stanza-create", "--no-online"]), &no_context);
-    let secs = timed_loop(ctx, &dir, |s, _| {
-        let mut c = ctx.pgbackrest();
+    let timed = timed_loop(ctx, &dir, |s, _| {
+        let mut c = ctx.pgbackrest_with(conf);
         br(&mut c);
         must(
             c.current_dir(&data)
@@ -977,10 +1034,7 @@ fn archive_pgbackrest_async(ctx: &Ctx, run: usize) -> Sample {
         "pgbackrest archive-push --archive-async: {stored} files in the repo"
     );
     remove(&dir);
-    Sample {
-        secs,
-        ..Default::default()
-    }
+    timed
 }
 
 // --- recovery --------------------------------------------------------------------------------------------
@@ -1123,11 +1177,7 @@ fn recovery_pgbackrest(ctx: &Ctx, run: usize, cipher: bool) -> Sample {
         },
         run,
     );
-    let conf = if cipher {
-        &ctx.br_conf_cipher
-    } else {
-        &ctx.br_conf
-    };
+    let conf = ctx.br_conf_for(cipher);
     let lock = postgres_dir(&dir.join("lock"));
     let spool = postgres_dir(&dir.join("spool"));
     let cmd = format!(
@@ -1492,6 +1542,12 @@ fn main() {
     let (br_conf, br_repo) = setup_pgbackrest(&root, &wal, false);
     progress("setup: the same, encrypted (aes-256-cbc), into a second repo");
     let (br_conf_cipher, _) = setup_pgbackrest(&root, &wal, true);
+    // For a mount run by the postgres user: the keyed archive readable by it, and its own copy
+    // of the key.
+    chown_postgres(&local_key);
+    let key_postgres = root.join("key-postgres");
+    fs::copy(&key, &key_postgres).expect("copy the key");
+    chown_postgres(&key_postgres);
     let setup_secs = t_setup.elapsed().as_secs_f64();
     progress(&format!("setup took {setup_secs:.0} s"));
 
@@ -1499,6 +1555,7 @@ fn main() {
         root: root.clone(),
         walfs: walfs.clone(),
         key,
+        key_postgres,
         local_plain,
         local_key,
         s3_env,
@@ -1522,6 +1579,7 @@ fn main() {
             mount_args: if ra { vec![] } else { off.clone() },
             env,
             latency: lat,
+            user: None,
         }
     };
     let c = &ctx;
@@ -1576,18 +1634,62 @@ fn main() {
         false,
         spec(c.s3_args(true), c.s3_env.clone(), true, None),
     ));
-    for (passthrough, tag) in [(true, "r-warm"), (false, "r-warm-nopt")] {
-        let label = if passthrough {
-            "mount, warm (a second pass), local, key".to_string()
-        } else {
-            "… without passthrough (`--passthrough false`, as a non-root mount)".to_string()
-        };
-        let sp = MountSpec {
-            mount_args: vec!["--passthrough".into(), passthrough.to_string()],
-            ..spec(c.local_args(true), vec![], true, None)
-        };
-        let l = label.clone();
-        let mut w = row(1, &label, Kind::Loop, move |r| {
+    // A mount run by the postgres user: no `--allow-other` (only that user reads it), no
+    // kernel passthrough (it needs root), read by `cp` as postgres, as its own restore_command.
+    // Its rows are skipped where that user cannot open /dev/fuse (some containers make it 0600;
+    // Debian's default is 0666).
+    let pg = Some(postgres_ids());
+    let non_root = MountSpec {
+        user: pg,
+        ..spec(c.local_args_postgres(), vec![], true, None)
+    };
+    let fuse_for_postgres = as_postgres("test")
+        .args(["-r", "/dev/fuse", "-a", "-w", "/dev/fuse"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let non_root_skip = |label: &str, kind: Kind| {
+        skipped(
+            if kind == Kind::Loop { 1 } else { 2 },
+            label,
+            kind,
+            "the postgres user cannot open /dev/fuse here (chmod 0666 /dev/fuse, Debian's default)",
+        )
+    };
+    let label = "mount (read-ahead) run by the postgres user (non-root), local, key";
+    rows.push(if fuse_for_postgres {
+        mount_row(c, 1, label, "r-mount-nonroot", false, non_root.clone())
+    } else {
+        non_root_skip(label, Kind::Loop)
+    });
+    for (sp, label, tag) in [
+        (
+            MountSpec {
+                mount_args: vec!["--passthrough".into(), "true".into()],
+                ..spec(c.local_args(true), vec![], true, None)
+            },
+            "mount, warm (a second pass), local, key",
+            "r-warm",
+        ),
+        (
+            MountSpec {
+                mount_args: vec!["--passthrough".into(), "false".into()],
+                ..spec(c.local_args(true), vec![], true, None)
+            },
+            "… without passthrough (`--passthrough false`)",
+            "r-warm-nopt",
+        ),
+        (
+            non_root.clone(),
+            "… run by the postgres user (non-root: no passthrough)",
+            "r-warm-nonroot",
+        ),
+    ] {
+        if sp.user.is_some() && !fuse_for_postgres {
+            rows.push(non_root_skip(label, Kind::Loop));
+            continue;
+        }
+        let l = label.to_string();
+        let mut w = row(1, label, Kind::Loop, move |r| {
             restore_mount(c, &sp, &l, tag, r, true)
         });
         w.mount = true;
@@ -1596,24 +1698,20 @@ fn main() {
     rows.push(row(1, "`walfs fetch`, local, key", Kind::Loop, move |r| {
         restore_walfs_fetch(c, r)
     }));
-    rows.push(row(
-        1,
-        "`pgbackrest archive-get`, zst, local repo",
-        Kind::Loop,
-        move |r| restore_pgbackrest(c, r, false, false),
-    ));
-    rows.push(row(
-        1,
-        "`pgbackrest archive-get`, zst, local repo, archive-async (process-max=2)",
-        Kind::Loop,
-        move |r| restore_pgbackrest(c, r, true, false),
-    ));
-    rows.push(row(
-        1,
-        "… with aes-256-cbc (as walfs with a key)",
-        Kind::Loop,
-        move |r| restore_pgbackrest(c, r, true, true),
-    ));
+    for async_ in [false, true] {
+        for cipher in [false, true] {
+            let label = match (async_, cipher) {
+                (_, true) => "… with aes-256-cbc (as walfs with a key)",
+                (false, false) => "`pgbackrest archive-get`, zst, local repo",
+                (true, false) => {
+                    "`pgbackrest archive-get`, zst, local repo, archive-async (process-max=2)"
+                }
+            };
+            rows.push(row(1, label, Kind::Loop, move |r| {
+                restore_pgbackrest(c, r, async_, cipher)
+            }));
+        }
+    }
 
     // 2. end-to-end recovery
     let mut b = row(
@@ -1640,6 +1738,12 @@ fn main() {
         true,
         spec(c.local_args(true), vec![], false, None),
     ));
+    let label = "`cp` out of a mount run by the postgres user (non-root), read-ahead, local, key";
+    rows.push(if fuse_for_postgres {
+        mount_row(c, 2, label, "rec-mount-nonroot", true, non_root)
+    } else {
+        non_root_skip(label, Kind::Recovery)
+    });
     rows.push(row(
         2,
         "`pgbackrest archive-get`, zst, archive-async (process-max=2)",
@@ -1658,43 +1762,64 @@ fn main() {
         3,
         "`cp` into a local directory (baseline)",
         Kind::Loop,
-        move |r| archive_plain_cp(c, r),
+        move |r| archive_plain_cp(c, r, false),
     );
     b.baseline = true;
     rows.push(b);
-    let mut m = row(3, "`cp` into the mount, local, key", Kind::Loop, move |r| {
-        archive_mount(c, r)
-    });
-    m.mount = true;
-    rows.push(m);
+    rows.push(row(
+        3,
+        "`cp` + `sync` of the copy (fsync), into a local directory",
+        Kind::Loop,
+        move |r| archive_plain_cp(c, r, true),
+    ));
+    for key in [true, false] {
+        let label = if key {
+            "`cp` into the mount, local, key"
+        } else {
+            "… without a key"
+        };
+        let mut m = row(3, label, Kind::Loop, move |r| archive_mount(c, r, key));
+        m.mount = true;
+        rows.push(m);
+    }
     rows.push(row(3, "`walfs push`, local, key", Kind::Loop, move |r| {
         archive_walfs_push(c, r)
     }));
-    rows.push(row(
-        3,
-        "`pgbackrest archive-push`, zst, local repo",
-        Kind::Loop,
-        move |r| archive_pgbackrest(c, r),
-    ));
-    let mut m = row(
-        3,
-        "`cp` into the mount from a data directory, all ready, archive-ahead, key",
-        Kind::Loop,
-        move |r| archive_mount_ready(c, r, true, None),
-    );
-    m.mount = true;
-    rows.push(m);
-    let mut m = row(3, "… archive-ahead off", Kind::Loop, move |r| {
-        archive_mount_ready(c, r, false, None)
-    });
-    m.mount = true;
-    rows.push(m);
-    rows.push(row(
-        3,
-        "`pgbackrest archive-push --archive-async`, zst, process-max 2, from a data directory",
-        Kind::Loop,
-        move |r| archive_pgbackrest_async(c, r),
-    ));
+    for cipher in [false, true] {
+        let label = if cipher {
+            "… with aes-256-cbc (as walfs with a key)"
+        } else {
+            "`pgbackrest archive-push`, zst, local repo"
+        };
+        rows.push(row(3, label, Kind::Loop, move |r| {
+            archive_pgbackrest(c, r, cipher)
+        }));
+    }
+    for (ahead, key, label) in [
+        (
+            true,
+            true,
+            "`cp` into the mount from a data directory, all ready, archive-ahead, key",
+        ),
+        (false, true, "… archive-ahead off"),
+        (true, false, "… archive-ahead, without a key"),
+    ] {
+        let mut m = row(3, label, Kind::Loop, move |r| {
+            archive_mount_ready(c, r, ahead, None, key)
+        });
+        m.mount = true;
+        rows.push(m);
+    }
+    for cipher in [false, true] {
+        let label = if cipher {
+            "… with aes-256-cbc (as walfs with a key)"
+        } else {
+            "`pgbackrest archive-push --archive-async`, zst, process-max 2, from a data directory"
+        };
+        rows.push(row(3, label, Kind::Loop, move |r| {
+            archive_pgbackrest_async(c, r, cipher)
+        }));
+    }
 
     // 4. latency
     let latencies: &[u64] = if opts.quick { &[20] } else { &[20, 50] };
@@ -1707,7 +1832,7 @@ fn main() {
                 "… archive-ahead off".to_string()
             };
             let mut m = row(4, &label, Kind::Loop, move |r| {
-                archive_mount_ready(c, r, ahead, lat)
+                archive_mount_ready(c, r, ahead, lat, true)
             });
             m.mount = true;
             rows.push(m);
@@ -1863,12 +1988,15 @@ fn main() {
         let _ = writeln!(w, "\n## {title}\n");
         let _ = writeln!(
             w,
-            "| what | seconds | MiB/s | segments/s | vs plain `cp` | walfs peak RSS | runs (s) | notes |"
+            "| what | seconds | MiB/s | segments/s | p95 per call | vs plain `cp` | walfs peak RSS | runs (s) | notes |"
         );
-        let _ = writeln!(w, "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |");
+        let _ = writeln!(
+            w,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
+        );
         for r in rows.iter().filter(|r| r.section == section) {
             if let Some(why) = &r.skip {
-                let _ = writeln!(w, "| {} | skipped | | | | | | {why} |", r.label);
+                let _ = writeln!(w, "| {} | skipped | | | | | | | {why} |", r.label);
                 continue;
             }
             let times: Vec<f64> = r.samples.iter().map(|s| s.secs).collect();
@@ -1890,13 +2018,19 @@ fn main() {
                 .map(|t| format!("{t:.2}"))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let p95: Vec<f64> = r.samples.iter().filter_map(|s| s.p95_ms).collect();
+            let p95 = if p95.is_empty() {
+                String::new()
+            } else {
+                format!("{:.0} ms", median(&p95))
+            };
             let mut notes: Vec<String> = Vec::new();
             if let Some(nt) = r.samples.last().and_then(|s| s.note.clone()) {
                 notes.push(nt);
             }
             let _ = writeln!(
                 w,
-                "| {} | {t:.2} | {:.0} | {:.1} | {ratio} | {} | {runs} | {} |",
+                "| {} | {t:.2} | {:.0} | {:.1} | {p95} | {ratio} | {} | {runs} | {} |",
                 r.label,
                 mib / t,
                 n as f64 / t,
