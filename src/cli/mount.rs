@@ -97,7 +97,18 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
     Ok(canonical)
 }
 
-fn check_fuse() -> Result<(), Failure> {
+/// Whether /etc/fuse.conf lets users mount with allow_other (None: it cannot be read, so
+/// fusermount3 decides).
+fn fuse_conf_allows_other() -> Option<bool> {
+    let conf = std::fs::read_to_string("/etc/fuse.conf").ok()?;
+    Some(
+        conf.lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .any(|l| l == "user_allow_other"),
+    )
+}
+
+fn check_fuse(allow_other: bool) -> Result<(), Failure> {
     if !Path::new("/dev/fuse").exists() {
         return Err(usage(
             "no /dev/fuse: load the fuse module (modprobe fuse), or give the container --device /dev/fuse",
@@ -121,6 +132,10 @@ fn check_fuse() -> Result<(), Failure> {
             return Err(usage(
                 "mounting as a user needs fusermount3: apt install fuse3 (or mount as root)",
             ));
+        }
+        // fusermount3 would refuse it too, after the archive was opened, in its own words.
+        if allow_other && fuse_conf_allows_other() == Some(false) {
+            return Err(usage(format!("cannot mount{}", mount_refused_hint(true))));
         }
     }
     Ok(())
@@ -193,7 +208,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         passthrough: args.passthrough,
     };
     let mountpoint = check_mountpoint(&args.mountpoint)?;
-    check_fuse()?;
+    check_fuse(args.allow_other)?;
     if let Some(addr) = args.metrics_addr {
         crate::telemetry::serve_metrics(addr).map_err(usage)?;
     }

@@ -38,7 +38,9 @@
 //!   `--quick`): restore loop through the mount with read-ahead off and on, and a recovery.
 //!
 //! Rows are measured interleaved (run 1 of every row, then run 2, …) to spread drift. The source
-//! segments and the local archives are warm in the page cache for every row alike; every restore writes
+//! segments and the local archives are warm in the page cache for every row alike, except the rows
+//! that say "cold": their source's pages are dropped first (posix_fadvise, per file) and read back
+//! after; every restore writes
 //! into a fresh directory on /tmp that is compared byte for byte with the source afterwards (untimed).
 //! After each mount-based measurement, `<cache-dir>/*/stats.json` (read-ahead statistics) is printed if
 //! the mount wrote one.
@@ -183,6 +185,45 @@ fn postgres_dir(p: &Path) -> PathBuf {
 fn remove(p: &Path) {
     if p.exists() {
         let _ = fs::remove_dir_all(p);
+    }
+}
+
+/// Every file under `dir`: its path.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(files_under(&p)),
+            Ok(t) if t.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Makes the files under `dir` cold: written back, then their pages dropped from the page cache
+/// (posix_fadvise DONTNEED, per file: nothing else on the machine is touched).
+fn drop_pages(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    sync();
+    for p in files_under(dir) {
+        if let Ok(f) = fs::File::open(&p) {
+            // SAFETY: an advisory call on a file descriptor this function owns.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+}
+
+/// Reads every file under `dir` back into the page cache (after [`drop_pages`], so the rows that
+/// follow find it as warm as the others did).
+fn warm_pages(dir: &Path) {
+    for p in files_under(dir) {
+        if let Ok(mut f) = fs::File::open(&p) {
+            let _ = std::io::copy(&mut f, &mut std::io::sink());
+        }
     }
 }
 
@@ -476,6 +517,7 @@ struct Ctx {
     /// pgBackRest: config file (repo owned by postgres, every segment pushed).
     br_conf: PathBuf,
     br_repo: PathBuf,
+    br_repo_cipher: PathBuf,
     /// The same, encrypted (aes-256-cbc).
     br_conf_cipher: PathBuf,
     queue_max: String,
@@ -571,9 +613,18 @@ struct MountSpec {
     /// Run the mount as this user (uid, gid), as a non-root mount, and read it as that user;
     /// None: as root with `--allow-other`, the deployed way.
     user: Option<(u32, u32)>,
+    /// Drop the local archive's pages from the page cache before a restore loop (read back after).
+    cold: bool,
 }
 
 impl MountSpec {
+    /// The directory of a `file://` archive.
+    fn local_archive(&self) -> Option<PathBuf> {
+        let at = self.args.iter().position(|a| a == "--archive")?;
+        let url = self.args.get(at + 1)?;
+        url.strip_prefix("file://").map(PathBuf::from)
+    }
+
     fn start(&self, ctx: &Ctx, dir: &Path) -> WalfsMount {
         ctx.proxy.set_latency(self.latency.unwrap_or_default());
         let mut env = self.env.clone();
@@ -668,9 +719,20 @@ fn fresh_dir_for(p: &Path, user: Option<(u32, u32)>) -> PathBuf {
     d
 }
 
-fn restore_plain_cp(ctx: &Ctx, run: usize) -> Sample {
-    let dir = ctx.run_dir("restore-cp", run);
+/// `cold`: the source's pages dropped first (read from the disk, as an archive nobody read lately).
+fn restore_plain_cp(ctx: &Ctx, run: usize, cold: bool) -> Sample {
+    let dir = ctx.run_dir(
+        if cold {
+            "restore-cp-cold"
+        } else {
+            "restore-cp"
+        },
+        run,
+    );
     let dest = fresh_dir(&dir.join("dest"));
+    if cold {
+        drop_pages(&ctx.wal.dir);
+    }
     let timed = timed_loop(ctx, &dest, |s, d| {
         cp(&ctx.wal.dir.join(s), &d.join(s), &no_context)
     });
@@ -693,6 +755,10 @@ fn restore_mount(
     let dir = ctx.run_dir(tag, run);
     let dest = fresh_dir_for(&dir.join("dest"), spec.user);
     let m = spec.start(ctx, &dir);
+    let cold = spec.cold.then(|| spec.local_archive()).flatten();
+    if let Some(archive) = &cold {
+        drop_pages(archive);
+    }
     if warm {
         let first = fresh_dir_for(&dir.join("first"), spec.user);
         for s in &ctx.wal.segments {
@@ -706,6 +772,9 @@ fn restore_mount(
     let mut sample = timed;
     finish_mount(ctx, m, label, run, &mut sample);
     ctx.verify_restored(&dest, label);
+    if let Some(archive) = &cold {
+        warm_pages(archive);
+    }
     remove(&dir);
     sample
 }
@@ -741,15 +810,25 @@ fn wait_pgbackrest_idle(lock_dir: &Path) {
     }
 }
 
-fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool) -> Sample {
+/// `cold`: the repo's pages dropped first (read back after).
+fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool, cold: bool) -> Sample {
     let dir = ctx.run_dir(
         &format!(
-            "restore-br{}{}",
+            "restore-br{}{}{}",
             if async_ { "-async" } else { "" },
-            if cipher { "-cipher" } else { "" }
+            if cipher { "-cipher" } else { "" },
+            if cold { "-cold" } else { "" }
         ),
         run,
     );
+    let repo = if cipher {
+        &ctx.br_repo_cipher
+    } else {
+        &ctx.br_repo
+    };
+    if cold {
+        drop_pages(repo);
+    }
     let conf = ctx.br_conf_for(cipher);
     let dest = fresh_dir(&dir.join("dest"));
     let lock = fresh_dir(&dir.join("lock"));
@@ -767,6 +846,9 @@ fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool) -> Samp
     });
     wait_pgbackrest_idle(&lock);
     ctx.verify_restored(&dest, "pgbackrest archive-get");
+    if cold {
+        warm_pages(repo);
+    }
     remove(&dir);
     timed
 }
@@ -809,6 +891,7 @@ fn archive_mount(ctx: &Ctx, run: usize, key: bool) -> Sample {
         env: vec![],
         latency: None,
         user: None,
+        cold: false,
     };
     let m = spec.start(ctx, &dir);
     let timed = timed_loop(ctx, m.path(), |s, d| {
@@ -965,6 +1048,7 @@ fn archive_mount_ready(
         },
         latency,
         user: None,
+        cold: false,
     };
     let m = spec.start(ctx, &dir);
     // As PostgreSQL's archiver: the postgres user (set in the child, as PostgreSQL's own
@@ -1541,7 +1625,7 @@ fn main() {
     progress("setup: pgBackRest stanza and archive-push (zst) into a local repo");
     let (br_conf, br_repo) = setup_pgbackrest(&root, &wal, false);
     progress("setup: the same, encrypted (aes-256-cbc), into a second repo");
-    let (br_conf_cipher, _) = setup_pgbackrest(&root, &wal, true);
+    let (br_conf_cipher, br_repo_cipher) = setup_pgbackrest(&root, &wal, true);
     // For a mount run by the postgres user: the keyed archive readable by it, and its own copy
     // of the key.
     chown_postgres(&local_key);
@@ -1563,6 +1647,7 @@ fn main() {
         proxy,
         br_conf,
         br_repo,
+        br_repo_cipher,
         br_conf_cipher,
         queue_max: format!("{}MiB", (n as u64 * SEG_MIB * 2).max(1024)),
         prefetch_flags,
@@ -1580,6 +1665,7 @@ fn main() {
             env,
             latency: lat,
             user: None,
+            cold: false,
         }
     };
     let c = &ctx;
@@ -1590,10 +1676,16 @@ fn main() {
         1,
         "`cp` from a local directory (baseline)",
         Kind::Loop,
-        move |r| restore_plain_cp(c, r),
+        move |r| restore_plain_cp(c, r, false),
     );
     b.baseline = true;
     rows.push(b);
+    rows.push(row(
+        1,
+        "… cold (its pages dropped first)",
+        Kind::Loop,
+        move |r| restore_plain_cp(c, r, true),
+    ));
     rows.push(mount_row(
         c,
         1,
@@ -1609,6 +1701,17 @@ fn main() {
         "r-mount-local-key",
         false,
         spec(c.local_args(true), vec![], true, None),
+    ));
+    rows.push(mount_row(
+        c,
+        1,
+        "… archive cold (its pages dropped first)",
+        "r-mount-local-key-cold",
+        false,
+        MountSpec {
+            cold: true,
+            ..spec(c.local_args(true), vec![], true, None)
+        },
     ));
     rows.push(mount_row(
         c,
@@ -1708,10 +1811,16 @@ fn main() {
                 }
             };
             rows.push(row(1, label, Kind::Loop, move |r| {
-                restore_pgbackrest(c, r, async_, cipher)
+                restore_pgbackrest(c, r, async_, cipher, false)
             }));
         }
     }
+    rows.push(row(
+        1,
+        "… with aes-256-cbc, repo cold (its pages dropped first)",
+        Kind::Loop,
+        move |r| restore_pgbackrest(c, r, true, true, true),
+    ));
 
     // 2. end-to-end recovery
     let mut b = row(
@@ -1962,9 +2071,9 @@ fn main() {
     }
     let _ = writeln!(
         w,
-        "- median of {} run(s); rows interleaved; sources and local archives warm in the page cache; every \
-         mount row is a fresh mount with an empty cache dir (cold); read-ahead at the mount's defaults unless \
-         `--prefetch-bytes 0`",
+        "- median of {} run(s); rows interleaved; sources and local archives warm in the page cache (except \
+         in the rows that say their pages were dropped); every mount row is a fresh mount with an empty \
+         cache dir (cold); read-ahead at the mount's defaults unless `--prefetch-bytes 0`",
         opts.runs
     );
     if !ctx.prefetch_flags {
