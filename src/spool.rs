@@ -61,14 +61,20 @@ pub struct Spool {
 /// with another. A directory it makes is named durably: its parent is fsynced.
 pub fn private_dir(dir: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    // A relative path's last ancestor is "": its first component's parent is the cwd.
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
         .create(dir)?;
     for made in missing.iter().rev() {
-        if let Some(parent) = made.parent() {
-            fsync_dir(parent)?;
+        match made.parent() {
+            Some(p) if p.as_os_str().is_empty() => fsync_dir(Path::new("."))?,
+            Some(p) => fsync_dir(p)?,
+            None => {}
         }
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
@@ -310,6 +316,18 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_directory_is_made_under_the_working_directory() {
+        // `--cache-dir cache` where ./cache does not exist yet (its parent is "", the cwd).
+        let top = format!("walfs-private-dir-test-{}", std::process::id());
+        let dir = Path::new(&top).join("a");
+        let made = private_dir(&dir, 0o700);
+        let is_dir = dir.is_dir();
+        let _ = std::fs::remove_dir_all(&top);
+        made.unwrap();
+        assert!(is_dir);
+    }
 
     #[test]
     fn files_move_through_the_states_and_readers_see_them() {
