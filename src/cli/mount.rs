@@ -97,18 +97,7 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
     Ok(canonical)
 }
 
-/// Whether /etc/fuse.conf lets users mount with allow_other (None: it cannot be read, so
-/// fusermount3 decides).
-fn fuse_conf_allows_other() -> Option<bool> {
-    let conf = std::fs::read_to_string("/etc/fuse.conf").ok()?;
-    Some(
-        conf.lines()
-            .map(|l| l.split('#').next().unwrap_or("").trim())
-            .any(|l| l == "user_allow_other"),
-    )
-}
-
-fn check_fuse(allow_other: bool) -> Result<(), Failure> {
+fn check_fuse() -> Result<(), Failure> {
     if !Path::new("/dev/fuse").exists() {
         return Err(usage(
             "no /dev/fuse: load the fuse module (modprobe fuse), or give the container --device /dev/fuse",
@@ -132,10 +121,6 @@ fn check_fuse(allow_other: bool) -> Result<(), Failure> {
             return Err(usage(
                 "mounting as a user needs fusermount3: apt install fuse3 (or mount as root)",
             ));
-        }
-        // fusermount3 would refuse it too, after the archive was opened, in its own words.
-        if allow_other && fuse_conf_allows_other() == Some(false) {
-            return Err(usage(format!("cannot mount{}", mount_refused_hint(true))));
         }
     }
     Ok(())
@@ -208,7 +193,7 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
         passthrough: args.passthrough,
     };
     let mountpoint = check_mountpoint(&args.mountpoint)?;
-    check_fuse(args.allow_other)?;
+    check_fuse()?;
     if let Some(addr) = args.metrics_addr {
         crate::telemetry::serve_metrics(addr).map_err(usage)?;
     }
@@ -284,8 +269,13 @@ pub(super) async fn run(settings: &Settings, args: &MountArgs) -> Result<(), Fai
     }
     let fs = WalFs::new(fs, tokio::runtime::Handle::current());
     let session = fuse::spawn(fs, &mountpoint).map_err(|e| {
+        // fusermount3 refuses in words of its own (no errno): allow_other is the one a hint
+        // helps with, naming walfs's option. (Its own reading of fuse.conf decides: where it
+        // looks depends on how it was built, and a process with CAP_SYS_ADMIN needs none.)
+        let refused_allow_other = args.allow_other && e.to_string().contains("allow_other");
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => mount_refused_hint(args.allow_other),
+            _ if refused_allow_other => mount_refused_hint(true),
             _ => "",
         };
         usage(format!("mounting {}: {e}{hint}", mountpoint.display()))

@@ -32,10 +32,11 @@
 //! - Section 3, archive throughput: one `cp SEG DEST/` per segment into a directory (and with `sync` of the
 //!   copy), into the mount with and without a key; `walfs push`; `pgbackrest archive-push`, sync and async,
 //!   with and without aes-256-cbc.
+//! - Section 4, latency: the S3 backend behind a TCP proxy that delays every request (20 ms, and 50 ms unless
+//!   `--quick`): archive through the mount with archive-ahead on and off, restore loop through the mount
+//!   with read-ahead off and on, and a recovery.
 //!
 //! Loops report the 95th percentile of one call beside the total; mount rows the mount's peak RSS.
-//! - Section 4, latency: the S3 backend behind a TCP proxy that delays every request (20 ms, and 50 ms unless
-//!   `--quick`): restore loop through the mount with read-ahead off and on, and a recovery.
 //!
 //! Rows are measured interleaved (run 1 of every row, then run 2, …) to spread drift. The source
 //! segments and the local archives are warm in the page cache for every row alike, except the rows
@@ -628,7 +629,9 @@ impl MountSpec {
     fn start(&self, ctx: &Ctx, dir: &Path) -> WalfsMount {
         ctx.proxy.set_latency(self.latency.unwrap_or_default());
         let mut env = self.env.clone();
-        env.push(("WALFS_LOG".into(), "warn,fuser=error".into()));
+        if !env.iter().any(|(k, _)| k == "WALFS_LOG") {
+            env.push(("WALFS_LOG".into(), "warn,fuser=error".into()));
+        }
         WalfsMount::start_as(dir, &self.args, &self.mount_args, &env, self.user)
     }
 }
@@ -855,7 +858,7 @@ fn restore_pgbackrest(ctx: &Ctx, run: usize, async_: bool, cipher: bool, cold: b
 
 // --- archive ---------------------------------------------------------------------------------------------
 
-/// `fsync`: `cp %p DIR/%f && sync DIR/%f`, a `cp` that makes the copy durable as an archive
+/// `fsync`: `cp %p DIR/%f && sync DIR/%f DIR`, a `cp` that makes the copy durable as an archive
 /// must.
 fn archive_plain_cp(ctx: &Ctx, run: usize, fsync: bool) -> Sample {
     let dir = ctx.run_dir(
@@ -870,7 +873,8 @@ fn archive_plain_cp(ctx: &Ctx, run: usize, fsync: bool) -> Sample {
     let timed = timed_loop(ctx, &dest, |s, d| {
         cp(&ctx.wal.dir.join(s), &d.join(s), &no_context);
         if fsync {
-            must(Command::new("sync").arg(d.join(s)), &no_context);
+            // The copy and its directory entry, as a durable archive_command must.
+            must(Command::new("sync").arg(d.join(s)).arg(d), &no_context);
         }
     });
     remove(&dir);
@@ -1041,11 +1045,18 @@ fn archive_mount_ready(
     let spec = MountSpec {
         args: args.clone(),
         mount_args: vec![format!("--archive-ahead={ahead}")],
-        env: if latency.is_some() {
+        // The closes' outcomes (info), to count how many archive-ahead confirmed.
+        env: [(
+            "WALFS_LOG".to_string(),
+            "warn,fuser=error,walfs::fs=info".to_string(),
+        )]
+        .into_iter()
+        .chain(if latency.is_some() {
             ctx.proxy_env.clone()
         } else {
             vec![]
-        },
+        })
+        .collect(),
         latency,
         user: None,
         cold: false,
@@ -1065,6 +1076,13 @@ fn archive_mount_ready(
         mark_done(&data, s);
     });
     let mut sample = timed;
+    let log = m.log();
+    let confirmed = log.matches("stored ahead; the bytes cp wrote").count();
+    // Every archived close logs its outcome.
+    let archived = log.matches("outcome=").count();
+    sample.note = Some(format!(
+        "{confirmed} of {archived} closes confirmed by archive-ahead"
+    ));
     finish_mount(ctx, m, label, run, &mut sample);
     let listed = sh_ok(
         ctx.walfs()
@@ -1363,6 +1381,9 @@ struct Row<'a> {
     kind: Kind,
     /// Whether this row is the baseline of its section.
     baseline: bool,
+    /// The section whose baseline it is compared with, when not its own (section 4's archive
+    /// rows: section 3's).
+    vs: Option<u8>,
     mount: bool,
     skip: Option<String>,
     runner: Option<Runner<'a>>,
@@ -1375,6 +1396,7 @@ fn row<'a>(section: u8, label: &str, kind: Kind, f: impl FnMut(usize) -> Sample 
         label: label.to_string(),
         kind,
         baseline: false,
+        vs: None,
         mount: false,
         skip: None,
         runner: Some(Box::new(f)),
@@ -1388,6 +1410,7 @@ fn skipped<'a>(section: u8, label: &str, kind: Kind, why: &str) -> Row<'a> {
         label: label.to_string(),
         kind,
         baseline: false,
+        vs: None,
         mount: true,
         skip: Some(why.to_string()),
         runner: None,
@@ -1944,6 +1967,7 @@ fn main() {
                 archive_mount_ready(c, r, ahead, lat, true)
             });
             m.mount = true;
+            m.vs = Some(3);
             rows.push(m);
         }
         rows.push(mount_row(
@@ -2113,8 +2137,10 @@ fn main() {
                 continue;
             }
             let t = median(&times);
-            // Section 4 compares with section 1's (loops) or section 2's (recovery) baseline.
+            // Section 4 compares with section 1's (restore loops), 2's (recovery) or 3's
+            // (archive) baseline.
             let base = match (section, r.kind) {
+                _ if r.vs.is_some() => r.vs.and_then(baseline),
                 (4, Kind::Loop) => baseline(1),
                 (4, Kind::Recovery) => baseline(2),
                 (s, _) => baseline(s),
