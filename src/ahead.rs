@@ -12,7 +12,8 @@
 //!    is watched (every 100 ms) for `.ready` segments.
 //! 2. Each ready segment (a segment name, exactly the archive's segment size, at most 64 MiB)
 //!    is read whole and pushed as any archived file is (checked, sealed, create-only, durable
-//!    before it counts), at most `concurrency` at once. The job then keeps the bytes it stored
+//!    before it counts), at most `concurrency` at once, started one by one lowest segment
+//!    first ([`Ahead::dispatch`]), the order PostgreSQL copies them in. The job then keeps the bytes it stored
 //!    (the segment buffers of running and stored jobs share [`MEMORY_BUDGET`], so jobs run only
 //!    a few segments ahead of `cp`), for at most [`HOLD_MAX`].
 //! 3. When `cp` creates that name, the mount borrows those bytes ([`Ahead::lend`], an
@@ -48,9 +49,10 @@ use crate::cache::Cache;
 use crate::store::PushOutcome;
 use crate::wal::{ArchiveName, FileKind};
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -107,6 +109,17 @@ pub struct Ahead {
     memory: Arc<tokio::sync::Semaphore>,
     /// Segment buffers, reused, so memory stays flat.
     buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Jobs waiting to start, lowest segment first (see [`Ahead::dispatch`]).
+    queue: Mutex<BTreeMap<ArchiveName, Pending>>,
+    queued: tokio::sync::Notify,
+    dispatching: AtomicBool,
+}
+
+/// A queued job: where its segment is, whose it must be, and its state's sender.
+struct Pending {
+    path: PathBuf,
+    owner: u32,
+    tx: watch::Sender<Job>,
 }
 
 /// A pooled buffer lent to a push as its bytes.
@@ -184,11 +197,19 @@ impl Ahead {
             state: Mutex::new(State::default()),
             memory: Arc::new(tokio::sync::Semaphore::new((budget >> 20).max(1) as usize)),
             buffers: Arc::new(Mutex::new(Vec::new())),
+            queue: Mutex::new(BTreeMap::new()),
+            queued: tokio::sync::Notify::new(),
+            dispatching: AtomicBool::new(false),
         })
     }
 
+    /// Lock order: [`Ahead::state`] before this, never the other way.
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue(&self) -> MutexGuard<'_, BTreeMap<ArchiveName, Pending>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Process `pid` creates a file in the mount: watch its working directory if it is a
@@ -249,63 +270,118 @@ impl Ahead {
     }
 
     fn start(self: &Arc<Self>, data: &Path, owner: u32, name: ArchiveName) {
-        let rx = {
+        {
             let mut st = self.state();
             if st.jobs.len() >= MAX_JOBS || st.jobs.contains_key(&name) || st.done.contains(&name) {
                 return;
             }
             let (tx, rx) = watch::channel(Job::Queued);
-            st.jobs.insert(name.clone(), rx.clone());
-            (tx, rx)
-        };
-        let (tx, _) = rx;
-        let me = self.clone();
-        let path = data.join("pg_wal").join(name.as_str());
-        tokio::spawn(async move {
-            let Some(job) = me.upload(&name, path, owner, &tx).await else {
-                // Not yet possible (a new archive): the next scan tries again.
-                me.state().jobs.remove(&name);
-                let _ = tx.send(Job::Failed);
+            st.jobs.insert(name.clone(), rx);
+            let path = data.join("pg_wal").join(name.as_str());
+            self.queue().insert(name, Pending { path, owner, tx });
+        }
+        if !self.dispatching.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.clone().dispatch());
+        }
+        self.queued.notify_one();
+    }
+
+    /// Starts the queued jobs, the lowest segment first, each once a permit and its share of
+    /// the memory budget are free. PostgreSQL archives in segment order, so the budget goes
+    /// to the segments its `cp` comes for next. (Jobs that raced for the permits themselves
+    /// started in the runtime's order, the last queued often first: a far segment then held
+    /// the budget, and the nearer segments' closes, finding their jobs still queued, archived
+    /// the slow way.) Runs for the life of the mount.
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            let notified = self.queued.notified();
+            if self.queue().is_empty() {
+                notified.await;
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 return;
             };
-            let _ = tx.send(job);
-            if job == Job::Failed {
-                me.state().hidden.remove(&name);
-                tokio::time::sleep(RETRY_AFTER).await;
-                let mut st = me.state();
+            // Only into an archive whose segment size is known (the first close records it).
+            let size = match self.cache.archive().identity().await {
+                Ok(Some(id)) if id.wal_segment_size <= MAX_SEGMENT => Ok(id.wal_segment_size),
+                Ok(None) => Err(None),
+                _ => Err(Some(Job::Failed)),
+            };
+            let memory = match size {
+                Ok(size) => {
+                    // Still queued while it waits for memory: a close meanwhile does not
+                    // wait for it.
+                    let mib = u32::try_from((size >> 20).max(1)).unwrap_or(u32::MAX);
+                    let Ok(memory) = self.memory.clone().acquire_many_owned(mib).await else {
+                        return;
+                    };
+                    Ok((size, memory))
+                }
+                Err(e) => Err(e),
+            };
+            let Some((name, pending)) = self.queue().pop_first() else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move { me.run(name, pending, permit, memory).await });
+        }
+    }
+
+    /// One job, from its start to its end. `memory`: the segment's size and its share of the
+    /// budget, or why it cannot run (None: not yet, a new archive).
+    async fn run(
+        self: Arc<Self>,
+        name: ArchiveName,
+        pending: Pending,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        memory: Result<(u64, tokio::sync::OwnedSemaphorePermit), Option<Job>>,
+    ) {
+        let Pending { path, owner, tx } = pending;
+        let job = match memory {
+            Ok((size, memory)) => self.upload(&name, path, owner, size, memory, &tx).await,
+            Err(Some(job)) => job,
+            Err(None) => {
+                // Not yet possible (a new archive): the next scan tries again.
+                let mut st = self.state();
                 if st
                     .jobs
                     .get(&name)
-                    .is_some_and(|r| *r.borrow() == Job::Failed)
+                    .is_some_and(|r| r.same_channel(&tx.subscribe()))
                 {
                     st.jobs.remove(&name);
                 }
+                drop(st);
+                let _ = tx.send(Job::Failed);
+                return;
             }
-        });
+        };
+        drop(permit);
+        let _ = tx.send(job);
+        if job == Job::Failed {
+            self.state().hidden.remove(&name);
+            tokio::time::sleep(RETRY_AFTER).await;
+            let mut st = self.state();
+            if st
+                .jobs
+                .get(&name)
+                .is_some_and(|r| *r.borrow() == Job::Failed)
+            {
+                st.jobs.remove(&name);
+            }
+        }
     }
 
-    /// The job's end; None when it cannot run yet (the archive has no identity).
+    /// The job's end: reads the segment (`size` bytes) and stores it, within `memory`.
     async fn upload(
         &self,
         name: &ArchiveName,
         path: PathBuf,
         owner: u32,
+        size: u64,
+        memory: tokio::sync::OwnedSemaphorePermit,
         tx: &watch::Sender<Job>,
-    ) -> Option<Job> {
-        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
-            return Some(Job::Failed);
-        };
-        // Only into an archive whose segment size is known (the first close records it).
-        let size = match self.cache.archive().identity().await {
-            Ok(Some(id)) if id.wal_segment_size <= MAX_SEGMENT => id.wal_segment_size,
-            Ok(None) => return None,
-            _ => return Some(Job::Failed),
-        };
-        // Still queued while it waits for memory: a close meanwhile does not wait for it.
-        let mib = u32::try_from((size >> 20).max(1)).unwrap_or(u32::MAX);
-        let Ok(memory) = self.memory.clone().acquire_many_owned(mib).await else {
-            return Some(Job::Failed);
-        };
+    ) -> Job {
         let ours = |st: &State| {
             st.jobs
                 .get(name)
@@ -317,7 +393,7 @@ impl Ahead {
             // no longer sees it ready dropped it: nothing to do then.
             let st = self.state();
             if !ours(&st) {
-                return Some(Job::Failed);
+                return Job::Failed;
             }
             let _ = tx.send(Job::Running);
         }
@@ -331,7 +407,7 @@ impl Ahead {
                     st.hidden.insert(name.clone());
                 }
             }
-            Err(_) => return Some(Job::Failed),
+            Err(_) => return Job::Failed,
         }
         let mut buf = self
             .buffers
@@ -371,7 +447,7 @@ impl Ahead {
         .await;
         let data = match read {
             Ok(Ok(d)) if d.len() as u64 == size => d,
-            _ => return Some(Job::Failed),
+            _ => return Job::Failed,
         };
         let data = Arc::new(data);
         let pushed = self
@@ -398,7 +474,7 @@ impl Ahead {
                     st.held
                         .insert(name.clone(), (held, std::time::Instant::now()));
                 }
-                Some(Job::Stored)
+                Job::Stored
             }
             Err(e) => {
                 tracing::debug!(%name, error = %e, "archive-ahead: not stored; the close archives it");
@@ -406,7 +482,7 @@ impl Ahead {
                     // A conflict or a refusal is final for this name: no retries.
                     remember(&mut self.state().done, name);
                 }
-                Some(Job::Failed)
+                Job::Failed
             }
         }
     }
@@ -517,6 +593,7 @@ impl Ahead {
     /// `name` is archived (by its close, either way): no job for it is needed any more.
     pub fn archived(&self, name: &ArchiveName) {
         let mut st = self.state();
+        self.queue().remove(name);
         st.jobs.remove(name);
         st.hidden.remove(name);
         st.held.remove(name);
@@ -535,6 +612,7 @@ impl Ahead {
             st.hidden.remove(n);
             st.jobs.remove(n);
             st.held.remove(n);
+            self.queue().remove(n);
             false
         });
         // Bytes no cp came for within HOLD_MAX: let go, so jobs for later segments can run.
@@ -955,6 +1033,37 @@ mod tests {
         drop(r.ahead.lend(&n2).expect("lent"));
         kept(&r, SEG4).await;
         assert!(stored(&r, SEG4).await.is_some());
+    }
+
+    /// On the mount's runtime (several workers), with a budget of one segment and many ready:
+    /// the segment kept is always the next one PostgreSQL copies, then the one after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_start_in_segment_order_so_the_budget_goes_to_the_next_cp() {
+        let mut r = rig().await;
+        let status = r.data.path().join("pg_wal/archive_status");
+        let more: Vec<String> = (4..=9)
+            .map(|i| format!("0000000100000000000000{i:02X}"))
+            .collect();
+        for s in &more {
+            std::fs::write(
+                r.data.path().join("pg_wal").join(s),
+                test_segment(s, 7, 1 << 20),
+            )
+            .unwrap();
+            std::fs::write(status.join(format!("{s}.ready")), b"").unwrap();
+        }
+        r.ahead = Ahead::with_budget(r.ahead.cache.clone(), 4, 1 << 20);
+        r.ahead.watch_dir(r.data.path().to_path_buf(), me());
+        let mut order = vec![SEG2.to_string(), SEG3.to_string()];
+        order.extend(more);
+        for s in order.iter().take(4) {
+            let n = kept(&r, s).await;
+            // Only it holds the budget: nothing later was stored meanwhile.
+            for later in order.iter().skip_while(|o| *o != s).skip(1) {
+                assert_eq!(stored(&r, later).await, None, "{later} stored before {s}");
+            }
+            drop(r.ahead.lend(&n).expect("lent"));
+        }
     }
 
     #[tokio::test]
