@@ -535,6 +535,7 @@ impl Ahead {
                 if j == Job::Queued {
                     // Not started: this close archives it; the job must not start.
                     let mut st = self.state();
+                    self.queue().remove(name);
                     st.jobs.remove(name);
                     st.hidden.remove(name);
                     remember(&mut st.done, name);
