@@ -293,6 +293,14 @@ impl Ahead {
     /// the budget, and the nearer segments' closes, finding their jobs still queued, archived
     /// the slow way.) Runs for the life of the mount.
     async fn dispatch(self: Arc<Self>) {
+        // Should it ever end (a panic), the next job queued starts another.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.dispatching);
         loop {
             let notified = self.queued.notified();
             if self.queue().is_empty() {
@@ -473,6 +481,8 @@ impl Ahead {
                 if ours(&st) {
                     st.held
                         .insert(name.clone(), (held, std::time::Instant::now()));
+                    // Stored and kept in one step: a writer that sees either can borrow.
+                    let _ = tx.send(Job::Stored);
                 }
                 Job::Stored
             }
